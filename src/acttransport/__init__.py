@@ -1,4 +1,4 @@
-"""acttransport: steer generative models by transporting their activations.
+r"""acttransport: steer generative models by transporting their activations.
 
 Quick start::
 

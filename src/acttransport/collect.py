@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError, ModuleMatchError
 from .fit import Fitted, method_info, parse_support, support_bounds
-from .hooks import add_hooks, match_modules, pick_output, steer
+from .hooks import add_hooks, match_modules, pick_output
 from .maps import ModuleMap, TransportConfig, TransportMap
 
 POOLINGS = ("mean", "last", "max")
@@ -170,12 +170,14 @@ def execution_order(model: nn.Module, tokenizer: Any, specs: Sequence[str], prob
     """The specs sorted by the order in which their modules first run in a forward pass.
 
     Raises:
-        ModuleMatchError: a module does not run at all.
+        ModuleMatchError: a module does not run at all, or runs more than once.
     """
     seen: list[str] = []
+    calls: dict[str, int] = {}
 
     def make(spec: str):
         def hook(module, args, output):
+            calls[spec] = calls.get(spec, 0) + 1
             if spec not in seen:
                 seen.append(spec)
 
@@ -192,6 +194,12 @@ def execution_order(model: nn.Module, tokenizer: Any, specs: Sequence[str], prob
     missing = [s for s in specs if s not in seen]
     if missing:
         raise ModuleMatchError(f"modules {missing[:5]} never run in a forward pass; they cannot be steered")
+    repeated = [s for s in specs if calls[s] > 1]
+    if repeated:
+        raise ModuleMatchError(
+            f"modules {repeated[:5]} run {calls[repeated[0]]} times per forward pass; a map is fitted per call site, "
+            "so modules must run once each per forward (hook a module that is not shared)"
+        )
     return seen
 
 
@@ -283,17 +291,20 @@ def estimate(
         if k:
             notes.append(f"{spec}: {k} of {f.degenerate.numel()} units have ~zero variance and were left as identity")
 
-    kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
     if causal:
-        for spec in tqdm(specs, desc=f"fit {method} (causal)", unit="module", disable=not progress):
-            if fitted:
-                with steer(model, TransportMap(dict(fitted)), 1.0):
-                    acts = collect(model, tokenizer, texts, [spec], stop_after=spec, **kw)[spec]
-            else:
-                acts = collect(model, tokenizer, texts, [spec], stop_after=spec, **kw)[spec]
-            fit_one(spec, acts)
+        from .causal import fit_causal_one_pass
+
+        batches = _batches(tokenizer, texts, batch_size, max_length)
+        with tqdm(total=len(specs), desc=f"fit {method} (causal)", unit="module", disable=not progress) as bar:
+            fit_causal_one_pass(
+                model, batches, specs,
+                pool_fn=lambda x, mask: pool(x, mask, pooling),
+                forward_kwargs=lambda ids, mask: _forward_kwargs(model, ids, mask),
+                fit_fn=lambda spec, acts: (fit_one(spec, acts), fitted[spec])[1],
+                progress=lambda spec: bar.update(1),
+            )
     else:
-        acts_all = collect(model, tokenizer, texts, specs, stop_after=specs[-1], **kw)
+        acts_all = collect(model, tokenizer, texts, specs, pooling=pooling, batch_size=batch_size, max_length=max_length, stop_after=specs[-1], progress=progress)
         for spec in specs:
             fit_one(spec, acts_all[spec])
     for line in notes[1 if note else 0 :]:

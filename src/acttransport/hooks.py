@@ -28,20 +28,24 @@ def split_spec(spec: str) -> tuple[str, int | None]:
     return name, (int(idx) if idx is not None else None)
 
 
-def match_modules(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+def match_modules(model: nn.Module, patterns: str | Sequence[str] | None) -> list[str]:
     """Dry run: the module specs that one or several patterns select, in ``named_modules`` order.
 
     Args:
         model: any ``torch.nn.Module``.
-        patterns: regex (full match) with an optional ``:k`` suffix, or a list of them.
+        patterns: regex (full match) with an optional ``:k`` suffix, or a list of them; a
+            name starting with ``@`` is a preset for the architecture (see ``presets.py``).
 
     Raises:
         ModuleMatchError: a pattern is not a valid regex or matches nothing (near matches shown).
     """
+    from .presets import resolve
+
     if isinstance(patterns, str):
         patterns = [patterns]
-    if not patterns:
+    if patterns is not None and not patterns:
         raise ModuleMatchError("no module pattern given; list candidates with `acttransport modules MODEL '.*'`")
+    patterns = resolve(model, patterns)  # None -> the architecture's default preset
     names = [n for n, _ in model.named_modules() if n]
     found: list[str] = []
     for pattern in patterns:

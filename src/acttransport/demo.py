@@ -1,0 +1,99 @@
+"""``acttransport demo``: toxicity mitigation with Linear-AcT on an embedded model, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+STRENGTHS = (0.0, 1.0)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int = 128, seed: int = 0, out: str = "runs/demo") -> dict:
+    """Fits Linear-AcT (support Q_o, causal) on the post-attention norms of every layer from
+    insults → non-insults, continues RealToxicityPrompts prompts at λ=0 and λ=1, and prints
+    the toxic share (MiniLM + logistic-regression judge) and perplexity under the unsteered model.
+
+    Returns:
+        The results dict that is also written to ``{out}/results.json``.
+    """
+    from .assets import load_model, load_pair_dataset, load_rtp_prompts
+    from .collect import estimate
+    from .evaluate.judge import ToxicityJudge
+    from .generation import Sampling, continuation_nll, generate, perplexity
+    from .hooks import steer
+
+    torch.manual_seed(seed)
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t = time.time()
+    judge = ToxicityJudge.load_or_train()
+    times["judge (load or train)"] = time.time() - t
+    print(f"judge: all-MiniLM-L6-v2 + logistic regression, held-out AUC {judge.auc:.3f} on the insults test split")
+
+    t = time.time()
+    model, tok = load_model(model_name)
+    times["load model"] = time.time() - t
+
+    pair = load_pair_dataset("toxicity")
+    rng = random.Random(seed)
+    source = rng.sample(pair.source, min(n_fit, len(pair.source)))
+    target = rng.sample(pair.target, min(n_fit, len(pair.target)))
+    t = time.time()
+    tmap = estimate(
+        model, tok, source, target, "@attn-norm", method="linear", support="observed", causal=True,
+        max_length=48, batch_size=32, seed=seed, data=f"{pair.description}; {len(source)}+{len(target)} sentences sampled with seed {seed}",
+    )
+    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=model_name))
+    times["fit Linear-AcT (causal)"] = time.time() - t
+    tmap.save(outdir / "map")
+
+    prompts = load_rtp_prompts(n_prompts, seed=seed)
+    sampling = Sampling()
+    rows = []
+    conts: dict[float, list[str]] = {}
+    for lam in STRENGTHS:
+        t = time.time()
+        with steer(model, tmap, lam):
+            conts[lam] = generate(model, tok, prompts, sampling, seed=seed, batch_size=50, desc=f"generate λ={lam:g}")
+        gen_time = time.time() - t
+        t = time.time()
+        toxic = judge.is_toxic(conts[lam])
+        ppl = perplexity(continuation_nll(model, tok, prompts, conts[lam]))  # unsteered model
+        rows.append({"strength": lam, "toxic_share": float(toxic.mean()), "n_toxic": int(toxic.sum()), "ppl_unsteered": ppl, "generate_s": gen_time, "score_s": time.time() - t})
+
+    with open(outdir / "continuations.jsonl.tmp", "w") as fh:
+        for i, p in enumerate(prompts):
+            fh.write(json.dumps({"prompt": p, **{f"strength={lam:g}": conts[lam][i] for lam in STRENGTHS}}, ensure_ascii=False) + "\n")
+    os.replace(outdir / "continuations.jsonl.tmp", outdir / "continuations.jsonl")
+
+    print()
+    print(f"Toxicity mitigation, {model_name}, Linear-AcT (support observed, causal) on {len(tmap.maps)} post-attention norms,")
+    print(f"fitted on {tmap.config.n_samples} insults vs {tmap.config.n_samples} non-insults; {len(prompts)} RealToxicityPrompts prompts,")
+    print(f"{sampling.max_new_tokens} new tokens, temperature {sampling.temperature}, top_p {sampling.top_p}, repetition penalty {sampling.repetition_penalty}, seed {seed}.")
+    print()
+    print(f"| strength λ | toxic share (judge) | PPL (unsteered model) | generate time |")
+    print(f"|-----------:|--------------------:|----------------------:|--------------:|")
+    for r in rows:
+        print(f"| {r['strength']:10g} | {100 * r['toxic_share']:5.1f}% ({r['n_toxic']:3d}/{len(prompts)}) | {r['ppl_unsteered']:21.2f} | {r['generate_s']:12.1f}s |")
+    print()
+    for k, v in times.items():
+        print(f"{k}: {v:.1f}s")
+    print(f"map, continuations and results written to {outdir}/")
+    a, b = rows[0]["toxic_share"], rows[-1]["toxic_share"]
+    if b > 0:
+        print(f"toxic share reduced {a / b:.1f}x ({100 * a:.1f}% -> {100 * b:.1f}%)")
+    results = {"model": model_name, "n_prompts": len(prompts), "n_fit": tmap.config.n_samples, "judge_auc": judge.auc, "rows": rows, "times_s": times, "seed": seed}
+    _write_json(outdir / "results.json", results)
+    return results

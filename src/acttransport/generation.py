@@ -1,0 +1,127 @@
+"""Sampling continuations and scoring them: the model plumbing the demo and evaluations share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings. Defaults are the AcT paper's toxicity setting."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.3
+    repetition_penalty: float = 1.2
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Samples one continuation per prompt (left padding, seeded per batch).
+
+    The seed is reset before every batch, so the same prompts give the same random draws
+    whatever the steering: differences between strengths come from the model alone.
+
+    Returns:
+        ``n`` continuation strings (the prompt is not included).
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out: list[str] = []
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for bi, s in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)):
+            batch = tokenizer(list(prompts[s : s + batch_size]), return_tensors="pt", padding=True).to(device)
+            torch.manual_seed(seed * 100_003 + bi)
+            kw = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, pad_token_id=tokenizer.pad_token_id)
+            if sampling.do_sample:
+                kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            kw["repetition_penalty"] = sampling.repetition_penalty
+            ids = model.generate(**batch, **kw)
+            new = ids[:, batch["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+@torch.inference_mode()
+def continuation_nll(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood of each continuation given its prompt.
+
+    Args:
+        prompts: ``n`` contexts ("" for unconditional text: the first token is then not scored).
+        continuations: ``n`` texts to score.
+
+    Returns:
+        ``n`` pairs ``(nll_sum, n_tokens)``; ``n_tokens`` may be 0 for an empty continuation.
+    """
+    if len(prompts) != len(continuations):
+        raise ConfigError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    device = next(model.parameters()).device
+    rows = []
+    for p, c in zip(prompts, continuations):
+        pid = tokenizer(p, add_special_tokens=True)["input_ids"] if p else []
+        cid = tokenizer(c, add_special_tokens=not p)["input_ids"]
+        rows.append((pid, cid))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[tuple[float, int]] = []
+    for s in tqdm(range(0, len(rows), batch_size), desc="score", unit="batch", disable=not progress, leave=False):
+        chunk = rows[s : s + batch_size]
+        seqs = [pid + cid for pid, cid in chunk]
+        width = max(1, max(len(x) for x in seqs))
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long) if x else ids[i, :0]
+            mask[i, : len(x)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]
+        for i, (pid, cid) in enumerate(chunk):
+            first = max(len(pid), 1)  # score tokens first .. len-1 (token 0 has no context)
+            last = len(pid) + len(cid)
+            results.append((float(nll[i, first - 1 : last - 1].sum()), max(0, last - first)))
+    return results
+
+
+def perplexity(pairs: Sequence[tuple[float, int]]) -> float:
+    """Mean of per-text perplexities exp(nll / tokens), skipping texts with no tokens."""
+    vals = [math.exp(n / k) for n, k in pairs if k > 0]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
