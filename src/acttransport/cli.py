@@ -57,6 +57,21 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens kept per sentence")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. threshold=0.6 for detzero, knots=16 for quantile, pair_index=3 for actadd)")
+
+
+def _options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"--option {item!r}: expected KEY=VALUE, e.g. --option threshold=0.6")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +136,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
     from .fit import parse_support
 
     parse_support(a.support)  # fail before the slow model load
+    options = _options(a.option)
     if a.data:
         from .assets import load_pair_dataset
 
@@ -136,7 +152,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
     t0 = time.time()
     tmap = estimate(
         model, tok, source, target, a.modules or None, method=a.method, support=a.support, pooling=a.pooling,
-        causal=a.causal, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed, data=desc,
+        causal=a.causal, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed, data=desc, **options,
     )
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model))
     out = tmap.save(a.out)

@@ -46,7 +46,7 @@ def pool(x: Tensor, mask: Tensor | None, how: str) -> Tensor:
         raise ModuleMatchError(f"output shape {tuple(x.shape)} does not line up with the token mask {got}; hook a module whose output is [batch, tokens, units]")
     m = mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
     if how == "mean":
-        return (x * m).sum(1) / m.sum(1).clamp_min(1)
+        return x.masked_fill(m == 0, 0.0).sum(1) / m.sum(1).clamp_min(1)  # not x*m: NaN*0 is NaN
     if how == "max":
         return x.masked_fill(m == 0, -torch.inf).amax(1)
     t = mask.shape[1]
@@ -266,6 +266,10 @@ def estimate(
     if pooling not in POOLINGS:
         raise ConfigError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
     parse_support(support)
+    accepted = [p for p in inspect.signature(info.fit).parameters if p not in ("a", "b")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"method {method!r} takes no option(s) {unknown}; its options are: {accepted or 'none'}")
     source, target = _check_texts(source, "source"), _check_texts(target, "target")
     ia, ib, note = balance(len(source), len(target), seed)
     source, target = [source[i] for i in ia], [target[i] for i in ib]
@@ -281,8 +285,6 @@ def estimate(
         a, b = acts[:n], acts[n:]
         try:
             f: Fitted = info.fit(a, b, **options)
-        except TypeError as e:
-            raise ConfigError(f"method {method!r}: {e}") from None
         except DataError as e:
             raise DataError(f"{spec}: {e}") from None
         lo, hi = support_bounds(a, support)

@@ -4,6 +4,8 @@ Every estimator takes pooled activations of the source set ``a`` and the target 
 both ``Tensor[n, d]`` (n sentences, d units), and returns a :class:`Fitted`: per unit an
 affine map ``a -> scale * a + shift`` or, for nonlinear methods, knots of a monotone
 piecewise-linear map. All statistics are computed in float64 and stored in float32.
+The baselines from the steering literature (ActAdd, CAA, ITI-c, AurA, Det-zero) live in
+:mod:`acttransport.baselines`; every method is registered in :data:`METHODS` (see docs/METHODS.md).
 """
 
 from __future__ import annotations
@@ -137,10 +139,61 @@ def fit_gaussian(a: Tensor, b: Tensor) -> Fitted:
     return _finish(scale, b.mean(0) - scale * a.mean(0), degenerate)
 
 
+def _quantiles(x: Tensor, levels: Tensor) -> Tensor:
+    """``[K, d]`` per-unit quantiles of ``x`` ``[n, d]`` at ``levels`` ``[K]`` (linear
+    interpolation between order statistics, as ``torch.quantile``, without its size limit)."""
+    s, _ = torch.sort(x, dim=0)
+    pos = levels * (x.shape[0] - 1)
+    lo = pos.floor().long().clamp(0, x.shape[0] - 1)
+    hi = pos.ceil().long().clamp(0, x.shape[0] - 1)
+    frac = (pos - lo).unsqueeze(1)
+    return s[lo] + frac * (s[hi] - s[lo])
+
+
+def fit_quantile(a: Tensor, b: Tensor, *, knots: int = 32) -> Fitted:
+    """Nonlinear univariate OT: the monotone map T = Q_B ∘ F_A, piecewise linear on K knots.
+
+    For K levels p_k = k/(K−1), k = 0..K−1: knots_x[k] = Q_A(p_k), knots_y[k] = Q_B(p_k)
+    (empirical quantiles, linear interpolation). T is linear between knots and a translation
+    by the end offsets outside [min A, max A] (:func:`acttransport.maps.piecewise_linear`).
+    In 1-D the monotone rearrangement is the OT map for every convex cost, so unlike the
+    affine Linear-AcT it can also match multimodal or skewed targets. Beyond the AcT paper
+    (Rodriguez et al. 2024), which restricts the map to be affine.
+
+    Ties in A give equal (non-decreasing) knots_x; degenerate units get knots_y = knots_x
+    (identity). ``scale``/``shift`` hold the Linear-AcT fit (the Gaussian fit when the sample
+    counts differ) as documentation and fallback; the hook uses the knots.
+
+    Args:
+        a: ``[n, d]`` source activations.
+        b: ``[m, d]`` target activations.
+        knots: K, the number of knots, at least 2; reduced to min(n, m) when fewer samples.
+    """
+    a, b = check_pair(a, b, "quantile")
+    if isinstance(knots, bool) or not isinstance(knots, int) or knots < 2:
+        raise ConfigError(f"quantile: knots must be an integer >= 2, got {knots!r}")
+    k = max(2, min(knots, a.shape[0], b.shape[0]))
+    levels = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
+    kx, ky = _quantiles(a, levels), _quantiles(b, levels)
+    degenerate = _degenerate(a, b)
+    ky = torch.where(degenerate, kx, ky)
+    base = fit_linear(a, b) if a.shape[0] == b.shape[0] else fit_gaussian(a, b)
+    return Fitted(base.scale, base.shift, degenerate, kx.to(torch.float32), ky.to(torch.float32))
+
+
+# The baselines reuse the helpers above, so they are imported after them.
+from .baselines import DETZERO_THRESHOLD, fit_actadd, fit_aura, fit_caa, fit_detzero, fit_itic  # noqa: E402
+
 METHODS: dict[str, MethodInfo] = {
     "linear": MethodInfo(fit_linear, "mean", paper="Rodriguez et al. 2024, Linear-AcT"),
     "mean": MethodInfo(fit_mean, "mean", paper="Rodriguez et al. 2024, Mean-AcT"),
     "gaussian": MethodInfo(fit_gaussian, "mean", paper="diagonal Gaussian OT"),
+    "quantile": MethodInfo(fit_quantile, "mean", paper="monotone univariate OT (beyond Rodriguez et al. 2024)", options={"knots": 32}),
+    "actadd": MethodInfo(fit_actadd, "last", unbounded=True, paper="Turner et al. 2023, ActAdd", options={"pair_index": 0}),
+    "caa": MethodInfo(fit_caa, "last", unbounded=True, paper="Rimsky et al. 2024, CAA; Li et al. 2023, ITI-m"),
+    "itic": MethodInfo(fit_itic, "last", unbounded=True, paper="Li et al. 2023, ITI-c", options={"C": 1.0, "max_iter": 1000}),
+    "aura": MethodInfo(fit_aura, "max", paper="Suau et al. 2024, AurA"),
+    "detzero": MethodInfo(fit_detzero, "max", paper="Suau et al. 2022, Det-zero", options={"threshold": DETZERO_THRESHOLD}),
 }
 
 

@@ -50,7 +50,7 @@ class TransportConfig:
     data: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-    version: str = ""
+    version: str = field(default_factory=_version)  #: library version that made the map
 
     def replace(self, **changes: Any) -> "TransportConfig":
         """Returns a copy with some fields changed."""
@@ -96,8 +96,8 @@ class ModuleMap:
                 raise MapFormatError(f"knots must both be [K>=2, {d}], got {tuple(kx.shape)} and {tuple(ky.shape)}")
             if not (torch.isfinite(kx).all() and torch.isfinite(ky).all()):
                 raise MapFormatError("knots must be finite")
-            if (kx[1:] < kx[:-1]).any():
-                raise MapFormatError("knots_x must be non-decreasing along K")
+            if (kx[1:] < kx[:-1]).any() or (ky[1:] < ky[:-1]).any():
+                raise MapFormatError("knots_x and knots_y must be non-decreasing along K (a monotone map)")
 
     @property
     def width(self) -> int:
@@ -150,7 +150,8 @@ def piecewise_linear(a: Tensor, kx: Tensor, ky: Tensor) -> Tensor:
     y0, y1 = kyt.gather(1, idx - 1), kyt.gather(1, idx)
     width = x1 - x0
     t = torch.where(width > 0, (flat - x0) / torch.where(width > 0, width, torch.ones_like(width)), 0.5)
-    out = y0 + t.clamp(0, 1) * (y1 - y0)
+    t = t.clamp(0, 1)
+    out = (1 - t) * y0 + t * y1  # exact at both knots
     below, above = flat < kxt[:, :1], flat > kxt[:, -1:]
     out = torch.where(below, flat + (kyt[:, :1] - kxt[:, :1]), out)
     out = torch.where(above, flat + (kyt[:, -1:] - kxt[:, -1:]), out)
