@@ -12,7 +12,14 @@ from torch import nn
 VOCAB = 300
 
 # The models are tiny: one thread is faster than two and does not fight other test runs.
+# Tests marked slow load the real shipped models and get every core back.
+_CORES = torch.get_num_threads()
 torch.set_num_threads(1)
+
+
+def pytest_runtest_setup(item):
+    torch.set_num_threads(_CORES if "slow" in item.keywords else 1)
+
 HIDDEN = 32
 
 

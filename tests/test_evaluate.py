@@ -1,0 +1,300 @@
+"""Evaluation: metrics on hand-made cases, the resumable sweep, its files, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from acttransport.errors import ConfigError, DataError
+from acttransport.evaluate import sweep as sw
+from acttransport.evaluate.metrics import mc_from_logliks, mc_scores, toxic_share
+from acttransport.generation import Sampling, continuation_nll, perplexity
+
+from conftest import VOCAB, make_llama, make_tokenizer, sentences
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Bigram(nn.Module):
+    """A causal LM whose next-token logits depend only on the current token: ``table[prev]``."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        return SimpleNamespace(logits=self.table[input_ids])  # [B, T, V]
+
+
+def _bigram() -> Bigram:
+    """Uniform rows, except after w2: p(w3)=1/2, p(w4)=1/4, the other 298 tokens share 1/4."""
+    table = torch.zeros(VOCAB, VOCAB)
+    row = torch.full((VOCAB,), math.log(0.25 / (VOCAB - 2)))
+    row[3], row[4] = math.log(0.5), math.log(0.25)
+    table[2] = row
+    return Bigram(table)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_mc_scores_on_known_likelihoods():
+    tok = make_tokenizer()  # word level, no BOS: a statement's first token is not scored
+    pairs = [
+        ("w2 w3", "w2 w4"),  # ll log 1/2 vs log 1/4: right, p_true = 2/3
+        ("w2 w4", "w2 w3"),  # wrong, p_true = 1/3
+        ("w5 w6 w7", "w5 w6"),  # uniform rows: 2·log(1/V) vs log(1/V); unnormalised: longer loses
+    ]
+    got = mc_scores(_bigram(), tok, pairs)
+    v = float(VOCAB)
+    mc2_third = (1 / v**2) / (1 / v**2 + 1 / v)  # = 1/(V+1)
+    assert got["n_pairs"] == 3
+    assert got["mc1"] == pytest.approx(1 / 3)
+    assert got["mc2"] == pytest.approx((2 / 3 + 1 / 3 + mc2_third) / 3, rel=1e-5)
+    # per token, pair 3 ties (log 1/V each): ties are wrong for MC1 and 1/2 for MC2
+    assert got["mc1_norm"] == pytest.approx(1 / 3)
+    assert got["mc2_norm"] == pytest.approx((2 / 3 + 1 / 3 + 0.5) / 3, rel=1e-5)
+
+
+def test_mc_from_logliks_is_stable_and_counts_ties_as_wrong():
+    got = mc_from_logliks([-1000.0, -5.0, -3.0], [-1001.0, -5.0, -2000.0])
+    assert got["mc1"] == pytest.approx(2 / 3)
+    assert got["mc2"] == pytest.approx((1 / (1 + math.exp(-1)) + 0.5 + 1.0) / 3)
+    with pytest.raises(DataError):
+        mc_from_logliks([], [])
+    with pytest.raises(DataError):
+        mc_from_logliks([0.0, float("nan")], [0.0, 0.0])
+    with pytest.raises(DataError):
+        mc_scores(_bigram(), make_tokenizer(), [("w2 w3",)])
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    tok = make_tokenizer()
+    model = Bigram(torch.zeros(VOCAB, VOCAB))
+    texts = sentences(5, 2, 100, seed=3)
+    nll = continuation_nll(model, tok, [""] * len(texts), texts, progress=False)
+    assert perplexity(nll) == pytest.approx(VOCAB, rel=1e-5)
+    nll = continuation_nll(model, tok, ["w5 w6"] * len(texts), texts, progress=False)  # with a prompt: every token scored
+    assert [k for _, k in nll] == [len(t.split()) for t in texts]
+    assert perplexity(nll) == pytest.approx(VOCAB, rel=1e-5)
+
+
+def test_toxic_share():
+    judge = SimpleNamespace(is_toxic=lambda texts: np.array(["bad" in t for t in texts]))
+    assert toxic_share(judge, ["bad a", "good", "bad b", "ok"]) == 0.5
+    assert math.isnan(toxic_share(judge, []))
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+CELLS = sw.make_cells(["a", "b"], [0.0, 0.5, 1.0], [0, 1])
+CONFIG = {"task": "unit", "x": 1}
+
+
+def _metric(cell):
+    return {"score": cell["strength"] * 10 + cell["seed"] + (cell["method"] == "b"), "other": -cell["strength"]}
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def test_sweep_resumes_after_interruption(tmp_path):
+    calls = []
+    state = {"fail_at": 3}
+
+    def flaky(cell):
+        calls.append(cell)
+        if len(calls) == state["fail_at"]:
+            raise RuntimeError("interrupted")
+        return _metric(cell)
+
+    with pytest.raises(RuntimeError):
+        sw.run_sweep(tmp_path / "s", CELLS, flaky, CONFIG, progress=False, quiet=True)
+    assert len((tmp_path / "s" / sw.CELLS_FILE).read_text().splitlines()) == 2
+    calls.clear()
+    state["fail_at"] = None
+    rows = sw.run_sweep(tmp_path / "s", CELLS, flaky, CONFIG, progress=False, quiet=True)
+    assert len(calls) == len(CELLS) - 2 and all(sw.cell_key(c) not in {sw.cell_key(x) for x in CELLS[:2]} for c in calls)
+    ref = sw.run_sweep(tmp_path / "ref", CELLS, _metric, CONFIG, progress=False, quiet=True)
+    assert _strip(rows) == _strip(ref)
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert _strip(saved["rows"]) == _strip(ref)
+    calls.clear()
+    sw.run_sweep(tmp_path / "s", CELLS, flaky, CONFIG, progress=False, quiet=True)  # all done: nothing runs
+    assert calls == []
+
+
+def test_sweep_ignores_torn_last_line(tmp_path):
+    out = tmp_path / "s"
+    sw.run_sweep(out, CELLS[:3], _metric, CONFIG, progress=False, quiet=True)
+    with open(out / sw.CELLS_FILE, "a") as fh:
+        fh.write('{"key": "{\\"method\\": \\"a\\", \\"stre')  # a write cut short
+    calls = []
+    rows = sw.run_sweep(out, CELLS, lambda c: (calls.append(c), _metric(c))[1], CONFIG, progress=False, quiet=True)
+    assert len(calls) == len(CELLS) - 3
+    lines = (out / sw.CELLS_FILE).read_text().splitlines()
+    assert len(lines) == len(CELLS) and all(json.loads(x) for x in lines)
+    assert _strip(rows) == _strip(sw.run_sweep(tmp_path / "ref", CELLS, _metric, CONFIG, progress=False, quiet=True))
+
+
+def test_sweep_config_mismatch_and_restart(tmp_path):
+    out = tmp_path / "s"
+    sw.run_sweep(out, CELLS[:2], _metric, CONFIG, progress=False, quiet=True)
+    with pytest.raises(ConfigError, match="--restart"):
+        sw.run_sweep(out, CELLS[:2], _metric, {**CONFIG, "x": 2}, progress=False, quiet=True)
+    calls = []
+    sw.run_sweep(out, CELLS[:2], lambda c: (calls.append(c), _metric(c))[1], {**CONFIG, "x": 2}, restart=True, progress=False, quiet=True)
+    assert len(calls) == 2
+    with pytest.raises(ConfigError, match="twice"):
+        sw.run_sweep(out, CELLS[:2] * 2, _metric, {**CONFIG, "x": 2}, progress=False, quiet=True)
+
+
+def test_results_files_schema_and_plot(tmp_path, capsys):
+    out = tmp_path / "s"
+    cells = sw.make_cells(["a", "b"], [0.0, 1.0], [0, 1, 2, 3])  # 4 seeds: quantile band
+    rows = sw.run_sweep(out, cells, _metric, CONFIG, progress=False)
+    table = capsys.readouterr().out
+    assert "| method | λ | seeds | score | other |" in table and "±" in table
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"version", "config", "config_hash", "grid", "metrics", "rows", "aggregates"}
+    assert res["config"] == CONFIG and res["metrics"] == ["score", "other"]
+    assert res["grid"] == {"methods": ["a", "b"], "strengths": [0.0, 1.0], "seeds": [0, 1, 2, 3]}
+    assert len(res["rows"]) == len(cells) == len(rows)
+    agg = {(a["method"], a["strength"]): a for a in res["aggregates"]}
+    a = agg[("b", 1.0)]
+    vals = [10 + s + 1 for s in range(4)]
+    assert a["n_seeds"] == 4 and a["score_mean"] == pytest.approx(np.mean(vals))
+    assert a["score_std"] == pytest.approx(np.std(vals, ddof=1))
+    assert (a["score_min"], a["score_max"]) == (min(vals), max(vals))
+    with open(out / "results.csv") as fh:
+        r = list(csv.DictReader(fh))
+    assert list(r[0]) == ["method", "strength", "seed", "score", "other", "elapsed_s"] and len(r) == len(cells)
+    with open(out / "summary.csv") as fh:
+        s = list(csv.DictReader(fh))
+    assert len(s) == 4 and {"method", "strength", "n_seeds", "score_mean", "score_std"} <= set(s[0])
+    for m in ("score", "other"):
+        assert (out / f"{m}.png").read_bytes()[:8] == PNG
+    p = sw.plot_sweep(res, "score", tmp_path / "x.png")
+    assert p.read_bytes()[:8] == PNG
+    with pytest.raises(ConfigError):
+        sw.plot_sweep(res, "nope", tmp_path / "y.png")
+
+
+def test_non_finite_metrics_become_null(tmp_path):
+    rows = sw.run_sweep(tmp_path, CELLS[:2], lambda c: {"m": float("nan")}, CONFIG, progress=False, quiet=True)
+    assert rows[0]["m"] is None
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["aggregates"][0]["m_mean"] is None
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+def test_truthfulness_sweep_end_to_end(tmp_path, monkeypatch):
+    from acttransport.evaluate import tasks
+
+    llama, tok = make_llama(), make_tokenizer()
+    pairs = list(zip(sentences(12, 150, 300, seed=5), sentences(12, 2, 100, seed=6)))
+    kw = dict(methods=["linear", "mean"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True)
+    rows = tasks.truthfulness_sweep(llama, tok, tmp_path, **kw)
+    assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("linear", 0.0, 3), ("linear", 1.0, 3), ("mean", 0.0, 3), ("mean", 1.0, 3)]
+    assert all(0 <= r["mc1"] <= 1 and 0 < r["mc2"] < 1 and r["n_pairs"] == 6 for r in rows)
+    assert rows[0]["mc2"] == rows[2]["mc2"]  # λ=0 is the unsteered model for every method
+    assert rows[1]["mc2"] != rows[0]["mc2"]
+    assert (tmp_path / "maps" / "linear" / "transport_config.json").is_file()
+    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert cfg["task"] == "truthfulness" and cfg["split_seed"] == 3 and cfg["n_fit"] == 6
+    # more strengths in the same dir: the cached maps are reused, only new cells run
+    monkeypatch.setattr(tasks, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
+    rows2 = tasks.truthfulness_sweep(llama, tok, tmp_path, **{**kw, "strengths": [0.0, 0.5, 1.0]})
+    assert len(rows2) == 6 and _strip([rows2[0], rows2[2]]) == _strip(rows[:2])
+    fit, ev = tasks.split_pairs(pairs, 3)
+    assert len(fit) == 6 and not set(fit) & set(ev)
+
+
+class StubJudge:
+    auc = 0.9
+
+    def is_toxic(self, texts):
+        return np.array([any(w in t.split() for w in ("w5", "w6", "w7")) for t in texts])
+
+
+def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
+    from acttransport.evaluate import tasks
+
+    llama, tok = make_llama(), make_tokenizer()
+    source, target = texts
+    kw = dict(
+        methods=["linear"], strengths=[0.0, 1.0], seeds=[0, 1], prompts=sentences(4, 2, 300, seed=8),
+        source=source, target=target, clean_texts=sentences(5, 2, 300, seed=9), judge=StubJudge(),
+        sampling=Sampling(max_new_tokens=3), progress=False, quiet=True,
+    )
+    rows = tasks.toxicity_sweep(llama, tok, tmp_path, **kw)
+    assert len(rows) == 4
+    for r in rows:
+        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "clean_ppl", "elapsed_s"}
+        assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1
+    assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
+    assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
+    lines = (tmp_path / "continuations" / "linear_l1_s1.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and set(json.loads(lines[0])) == {"prompt", "continuation"}
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["sampling"]["max_new_tokens"] == 3 and res["config"]["judge_auc"] == 0.9
+    assert all(a["n_seeds"] == 2 and a["toxic_share_std"] is not None for a in res["aggregates"])
+    best = tasks.select_strength(res, "linear")
+    assert best["strength"] in (0.0, 1.0)
+    assert tasks.toxicity_sweep(llama, tok, tmp_path, **kw) == rows  # resumed: nothing reruns, same rows
+
+
+def test_select_strength_rule():
+    from acttransport.evaluate.tasks import select_strength
+
+    rows = [
+        {"method": "m", "strength": s, "seed": 0, "toxic_share": t, "clean_ppl": p}
+        for s, t, p in [(0.0, 0.5, 10.0), (0.5, 0.3, 10.9), (1.0, 0.1, 11.5)]
+    ]
+    assert select_strength(rows, "m")["strength"] == 0.5  # λ=1 raises PPL by 1.5
+    assert select_strength(rows, "m", max_rise=2.0)["strength"] == 1.0
+    with pytest.raises(ConfigError, match="λ=0"):
+        select_strength(rows[1:], "m")
+
+
+def test_cli_parser():
+    from acttransport.evaluate.cli_eval import add_commands
+
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["sweep", "toxicity", "--strengths", "0,0.5,1", "--seeds", "0,1", "--methods", "linear", "--out", "x", "--restart"])
+    assert (a.task, a.strengths, a.seeds, a.methods, a.out, a.restart) == ("toxicity", [0.0, 0.5, 1.0], [0, 1], ["linear"], "x", True)
+    e = p.parse_args(["eval", "truthfulness", "--modules", "model.layers.0.mlp"])
+    assert e.strengths == [0.0, 1.0] and e.methods == ["linear", "mean"] and e.modules == ["model.layers.0.mlp"]
+    assert e.func.__name__ == "cmd_eval"
+    with pytest.raises(SystemExit):
+        p.parse_args(["sweep", "concept"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["sweep", "toxicity", "--strengths", "a,b"])
+
+
+def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys):
+    from acttransport import assets
+    from acttransport.evaluate.cli_eval import add_commands, run
+
+    pairs = list(zip(sentences(10, 150, 300, seed=11), sentences(10, 2, 100, seed=12)))
+    monkeypatch.setattr(assets, "load_truthful_pairs", lambda: pairs)
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["eval", "truthfulness", "--methods", "mean", "--seeds", "4", "--out", str(tmp_path)])
+    rows = run(a, "eval", model=make_llama(), tokenizer=make_tokenizer())
+    assert [(r["strength"], r["seed"]) for r in rows] == [(0.0, 4), (1.0, 4)]
+    out = capsys.readouterr().out
+    assert "| mean | 1 |" in out and "results in" in out
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["model"] == "smollm2-135m"
