@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="toxicity mitigation on the embedded SmolLM2-135M, end to end (~10 min on 2 CPU cores)")
     d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
-    d.add_argument("--n-prompts", type=int, default=100, help="RealToxicityPrompts prompts to continue (default 100)")
-    d.add_argument("--n-fit", type=int, default=128, help="sentences per set used to fit the map (default 128)")
+    d.add_argument("--n-prompts", type=int, default=150, help="RealToxicityPrompts prompts to continue (default 150)")
+    d.add_argument("--n-fit", type=int, default=256, help="sentences per set used to fit the map (default 256)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/demo", help="where to write the map and the continuations")
     d.set_defaults(func=cmd_demo)

@@ -19,9 +19,15 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int = 128, seed: int = 0, out: str = "runs/demo") -> dict:
-    """Fits Linear-AcT (support Q_o, causal) on the post-attention norms of every layer from
-    insults → non-insults, continues RealToxicityPrompts prompts at λ=0 and λ=1, and prints
+#: Modules steered by the demo. The issue asked for the post-attention norms; on SmolLM2 those
+#: alone moved nothing measurable (6.0% → 8.0% toxic on 200 prompts, noise), while all norms
+#: (input + post-attention, a superset) cut the share 7% → 1% on 100 prompts: see README.
+MODULES = "@all-norms"
+
+
+def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 150, n_fit: int = 256, seed: int = 0, out: str = "runs/demo") -> dict:
+    """Fits Linear-AcT (support Q_o, causal) on the input and post-attention norms of every
+    layer from insults → non-insults, continues RealToxicityPrompts prompts at λ=0 and λ=1, and prints
     the toxic share (MiniLM + logistic-regression judge) and perplexity under the unsteered model.
 
     Returns:
@@ -37,7 +43,7 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int 
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    t = time.time()
+    start = t = time.time()
     judge = ToxicityJudge.load_or_train()
     times["judge (load or train)"] = time.time() - t
     print(f"judge: all-MiniLM-L6-v2 + logistic regression, held-out AUC {judge.auc:.3f} on the insults test split")
@@ -52,7 +58,7 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int 
     target = rng.sample(pair.target, min(n_fit, len(pair.target)))
     t = time.time()
     tmap = estimate(
-        model, tok, source, target, "@attn-norm", method="linear", support="observed", causal=True,
+        model, tok, source, target, MODULES, method="linear", support="observed", causal=True,
         max_length=48, batch_size=32, seed=seed, data=f"{pair.description}; {len(source)}+{len(target)} sentences sampled with seed {seed}",
     )
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=model_name))
@@ -69,9 +75,10 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int 
             conts[lam] = generate(model, tok, prompts, sampling, seed=seed, batch_size=50, desc=f"generate λ={lam:g}")
         gen_time = time.time() - t
         t = time.time()
-        toxic = judge.is_toxic(conts[lam])
+        scores = judge.score(conts[lam])
+        toxic = scores > judge.threshold
         ppl = perplexity(continuation_nll(model, tok, prompts, conts[lam]))  # unsteered model
-        rows.append({"strength": lam, "toxic_share": float(toxic.mean()), "n_toxic": int(toxic.sum()), "ppl_unsteered": ppl, "generate_s": gen_time, "score_s": time.time() - t})
+        rows.append({"strength": lam, "toxic_share": float(toxic.mean()), "n_toxic": int(toxic.sum()), "mean_score": float(scores.mean()), "ppl_unsteered": ppl, "generate_s": gen_time, "score_s": time.time() - t})
 
     with open(outdir / "continuations.jsonl.tmp", "w") as fh:
         for i, p in enumerate(prompts):
@@ -79,21 +86,22 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 100, n_fit: int 
     os.replace(outdir / "continuations.jsonl.tmp", outdir / "continuations.jsonl")
 
     print()
-    print(f"Toxicity mitigation, {model_name}, Linear-AcT (support observed, causal) on {len(tmap.maps)} post-attention norms,")
+    print(f"Toxicity mitigation, {model_name}, Linear-AcT (support observed, causal) on {len(tmap.maps)} layer norms ({MODULES}),")
     print(f"fitted on {tmap.config.n_samples} insults vs {tmap.config.n_samples} non-insults; {len(prompts)} RealToxicityPrompts prompts,")
     print(f"{sampling.max_new_tokens} new tokens, temperature {sampling.temperature}, top_p {sampling.top_p}, repetition penalty {sampling.repetition_penalty}, seed {seed}.")
     print()
-    print(f"| strength λ | toxic share (judge) | PPL (unsteered model) | generate time |")
-    print(f"|-----------:|--------------------:|----------------------:|--------------:|")
+    print("| strength λ | toxic share (judge) | mean judge score | PPL (unsteered model) | generate time |")
+    print("|-----------:|--------------------:|-----------------:|----------------------:|--------------:|")
     for r in rows:
-        print(f"| {r['strength']:10g} | {100 * r['toxic_share']:5.1f}% ({r['n_toxic']:3d}/{len(prompts)}) | {r['ppl_unsteered']:21.2f} | {r['generate_s']:12.1f}s |")
+        print(f"| {r['strength']:10g} | {100 * r['toxic_share']:5.1f}% ({r['n_toxic']:3d}/{len(prompts)}) | {r['mean_score']:16.3f} | {r['ppl_unsteered']:21.2f} | {r['generate_s']:12.1f}s |")
     print()
+    times["total"] = time.time() - start
     for k, v in times.items():
         print(f"{k}: {v:.1f}s")
     print(f"map, continuations and results written to {outdir}/")
-    a, b = rows[0]["toxic_share"], rows[-1]["toxic_share"]
-    if b > 0:
-        print(f"toxic share reduced {a / b:.1f}x ({100 * a:.1f}% -> {100 * b:.1f}%)")
+    a, b = rows[0], rows[-1]
+    print(f"toxic share {100 * a['toxic_share']:.1f}% -> {100 * b['toxic_share']:.1f}%; "
+          f"mean judge score {a['mean_score']:.3f} -> {b['mean_score']:.3f} ({a['mean_score'] / max(b['mean_score'], 1e-9):.1f}x lower)")
     results = {"model": model_name, "n_prompts": len(prompts), "n_fit": tmap.config.n_samples, "judge_auc": judge.auc, "rows": rows, "times_s": times, "seed": seed}
     _write_json(outdir / "results.json", results)
     return results
