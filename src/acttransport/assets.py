@@ -367,6 +367,13 @@ class PairData:
     target: list[str]
     description: str
 
+    def sample(self, n: int, seed: int = 0) -> "PairData":
+        """At most ``n`` sentences of each set, drawn with one seeded generator (source first)."""
+        rng = random.Random(seed)
+        source = rng.sample(self.source, min(n, len(self.source)))
+        target = rng.sample(self.target, min(n, len(self.target)))
+        return PairData(source, target, f"{self.description}; {len(source)}+{len(target)} sampled (seed {seed})")
+
 
 DATASETS: tuple[str, ...] = ("toxicity", "toxigen")
 

@@ -281,7 +281,7 @@ def estimate(
     texts = source + target
     fitted: dict[str, ModuleMap] = {}
 
-    def fit_one(spec: str, acts: Tensor) -> None:
+    def fit_one(spec: str, acts: Tensor) -> ModuleMap:
         a, b = acts[:n], acts[n:]
         try:
             f: Fitted = info.fit(a, b, **options)
@@ -292,6 +292,7 @@ def estimate(
         k = int(f.degenerate.sum())
         if k:
             notes.append(f"{spec}: {k} of {f.degenerate.numel()} units have ~zero variance and were left as identity")
+        return fitted[spec]
 
     if causal:
         from .causal import fit_causal_one_pass
@@ -302,7 +303,7 @@ def estimate(
                 model, batches, specs,
                 pool_fn=lambda x, mask: pool(x, mask, pooling),
                 forward_kwargs=lambda ids, mask: _forward_kwargs(model, ids, mask),
-                fit_fn=lambda spec, acts: (fit_one(spec, acts), fitted[spec])[1],
+                fit_fn=fit_one,
                 progress=lambda spec: bar.update(1),
             )
     else:
@@ -311,11 +312,9 @@ def estimate(
             fit_one(spec, acts_all[spec])
     for line in notes[1 if note else 0 :]:
         warnings.warn(line, stacklevel=2)
-    from . import __version__
-
     cfg = TransportConfig(
         method=method, support=support, pooling=pooling, causal=causal, unbounded=info.unbounded,
         model=model_id(model), n_samples=n, seed=seed, data=data, options=dict(options),
-        notes=tuple(notes), version=__version__,
+        notes=tuple(notes),
     )
     return TransportMap(fitted, cfg)

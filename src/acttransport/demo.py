@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
 from pathlib import Path
 
 import torch
 
+from ._io import write_text_atomic
+
 STRENGTHS = (0.0, 1.0)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 #: Modules steered by the demo. The issue asked for the post-attention norms; on SmolLM2 those
@@ -52,14 +46,11 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 150, n_fit: int 
     model, tok = load_model(model_name)
     times["load model"] = time.time() - t
 
-    pair = load_pair_dataset("toxicity")
-    rng = random.Random(seed)
-    source = rng.sample(pair.source, min(n_fit, len(pair.source)))
-    target = rng.sample(pair.target, min(n_fit, len(pair.target)))
+    pair = load_pair_dataset("toxicity").sample(n_fit, seed)
     t = time.time()
     tmap = estimate(
-        model, tok, source, target, MODULES, method="linear", support="observed", causal=True,
-        max_length=48, batch_size=32, seed=seed, data=f"{pair.description}; {len(source)}+{len(target)} sentences sampled with seed {seed}",
+        model, tok, pair.source, pair.target, MODULES, method="linear", support="observed", causal=True,
+        max_length=48, batch_size=32, seed=seed, data=pair.description,
     )
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=model_name))
     times["fit Linear-AcT (causal)"] = time.time() - t
@@ -80,10 +71,8 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 150, n_fit: int 
         ppl = perplexity(continuation_nll(model, tok, prompts, conts[lam]))  # unsteered model
         rows.append({"strength": lam, "toxic_share": float(toxic.mean()), "n_toxic": int(toxic.sum()), "mean_score": float(scores.mean()), "ppl_unsteered": ppl, "generate_s": gen_time, "score_s": time.time() - t})
 
-    with open(outdir / "continuations.jsonl.tmp", "w") as fh:
-        for i, p in enumerate(prompts):
-            fh.write(json.dumps({"prompt": p, **{f"strength={lam:g}": conts[lam][i] for lam in STRENGTHS}}, ensure_ascii=False) + "\n")
-    os.replace(outdir / "continuations.jsonl.tmp", outdir / "continuations.jsonl")
+    lines = [json.dumps({"prompt": p, **{f"strength={lam:g}": conts[lam][i] for lam in STRENGTHS}}, ensure_ascii=False) for i, p in enumerate(prompts)]
+    write_text_atomic(outdir / "continuations.jsonl", "\n".join(lines) + "\n")
 
     print()
     print(f"Toxicity mitigation, {model_name}, Linear-AcT (support observed, causal) on {len(tmap.maps)} layer norms ({MODULES}),")
@@ -103,5 +92,5 @@ def run_demo(model_name: str = "smollm2-135m", n_prompts: int = 150, n_fit: int 
     print(f"toxic share {100 * a['toxic_share']:.1f}% -> {100 * b['toxic_share']:.1f}%; "
           f"mean judge score {a['mean_score']:.3f} -> {b['mean_score']:.3f} ({a['mean_score'] / max(b['mean_score'], 1e-9):.1f}x lower)")
     results = {"model": model_name, "n_prompts": len(prompts), "n_fit": tmap.config.n_samples, "judge_auc": judge.auc, "rows": rows, "times_s": times, "seed": seed}
-    _write_json(outdir / "results.json", results)
+    write_text_atomic(outdir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return results

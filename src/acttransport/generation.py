@@ -109,8 +109,9 @@ def continuation_nll(
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long) if x else ids[i, :0]
-            mask[i, : len(x)] = 1
+            if x:
+                ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+                mask[i, : len(x)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]

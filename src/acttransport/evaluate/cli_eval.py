@@ -9,32 +9,30 @@ Wire into the main parser with::
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
+from ..cli import MODEL_HELP
 from ..errors import ConfigError
 from .tasks import TASKS
 
-MODEL_HELP = "transformers model id or local path, or an embedded alias: smollm2-135m, gemma3-270m"
+
+def _list_of(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated values of one kind."""
+
+    def parse(text: str) -> list:
+        try:
+            vals = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return vals
+
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1; got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return vals
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return vals
+_floats = _list_of(float, "numbers", "0,0.5,1")
+_ints = _list_of(int, "integers", "0,1,2")
 
 
 def _names(text: str) -> list[str]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from acttransport._io import write_text_atomic
 from acttransport.assets import asset_dir, cache_dir, load_insults
 from acttransport.errors import ConfigError, DataError
 
@@ -232,17 +231,7 @@ class ToxicityJudge:
 
     def save(self, path: str | Path) -> Path:
         """Write the judge as JSON, atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ToxicityJudge:

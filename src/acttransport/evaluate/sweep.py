@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._io import write_text_atomic
 from ..errors import ConfigError
 
 CONFIG_FILE = "sweep_config.json"
@@ -66,15 +67,6 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_cells(path: Path, chash: str) -> dict[str, dict[str, Any]]:
     """Finished cells in ``cells.jsonl`` for config hash ``chash``, by key.
 
@@ -102,7 +94,7 @@ def read_cells(path: Path, chash: str) -> dict[str, dict[str, Any]]:
         if rec.get("config_hash") == chash:
             done[key] = rec
     if tail.strip() or len(good) != sum(1 for x in lines if x.strip()):
-        _atomic_write(path, "".join(x.decode("utf-8") + "\n" for x in good))
+        write_text_atomic(path, "".join(x.decode("utf-8") + "\n" for x in good))
     return done
 
 
@@ -144,7 +136,7 @@ def prepare(out_dir: str | os.PathLike, config: dict[str, Any], restart: bool = 
                 "use another --out directory, or --restart to discard the earlier results"
             )
     else:
-        _atomic_write(cpath, json.dumps({"config_hash": chash, "config": config}, indent=2, sort_keys=True, default=str) + "\n")
+        write_text_atomic(cpath, json.dumps({"config_hash": chash, "config": config}, indent=2, sort_keys=True, default=str) + "\n")
     return out
 
 
@@ -266,9 +258,9 @@ def write_results(out: Path, config: dict[str, Any], rows: Sequence[dict[str, An
         "rows": list(rows),
         "aggregates": aggregate(rows),
     }
-    _atomic_write(out / "results.json", json.dumps(results, indent=2, allow_nan=False, default=str) + "\n")
-    _atomic_write(out / "results.csv", _csv(rows))
-    _atomic_write(out / "summary.csv", _csv(results["aggregates"]))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False, default=str) + "\n")
+    write_text_atomic(out / "results.csv", _csv(rows))
+    write_text_atomic(out / "summary.csv", _csv(results["aggregates"]))
     return results
 
 

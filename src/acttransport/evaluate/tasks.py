@@ -80,13 +80,12 @@ class MapCache:
 
 
 def _check_grid(methods: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]) -> None:
-    from ..fit import METHODS
+    from ..fit import method_info
 
     if not methods or not strengths or not seeds:
         raise ConfigError("give at least one method, one strength and one seed")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    for m in methods:
+        method_info(m)  # unknown names raise ConfigError listing the valid ones
 
 
 # ---------------------------------------------------------------------------------------- truthfulness
@@ -238,10 +237,8 @@ def toxicity_sweep(
     if (source is None) != (target is None):
         raise ConfigError("inject both source and target sentences, or neither")
     if source is None:
-        pair = assets.load_pair_dataset(data)
-        rng = random.Random(data_seed)
-        source, target = rng.sample(pair.source, min(n_fit, len(pair.source))), rng.sample(pair.target, min(n_fit, len(pair.target)))
-        f_desc = f"{pair.description}; {len(source)}+{len(target)} sampled (seed {data_seed})"
+        pair = assets.load_pair_dataset(data).sample(n_fit, data_seed)
+        source, target, f_desc = pair.source, pair.target, pair.description
     else:
         source, target = list(source), list(target)
         f_desc = f"injected source/target (sha256 {_digest([source, target])})"
