@@ -5,6 +5,7 @@ Fast tests read only the shipped data files; ``slow`` tests load the real shippe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -156,9 +157,25 @@ def test_missing_package_names_install_command(monkeypatch, tmp_path, module, ca
 
 
 def test_embedded_model_table():
-    assert set(assets.EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(assets.EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"}
     for alias, info in assets.EMBEDDED_MODELS.items():
         assert info.alias == alias and all("==" in r for r in info.requirements)
+
+
+def test_gguf_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
+    pieces = {"a": b"GGUF" + b"x" * 10, "b": b"y" * 7, "c": b"z"}
+    for name, blob in pieces.items():
+        (tmp_path / name).write_bytes(blob)
+    monkeypatch.setattr(assets, "_check_installed", lambda info: None)
+    monkeypatch.setattr(assets, "_asset_file", lambda module, req, *parts: tmp_path / module)
+    monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path / "cache"))
+    info = assets.EmbeddedModel("t", "a", ("a==1", "b==1", "c==1"), "t.gguf", True, "test", parts=(("a", "f"), ("b", "f"), ("c", "f")))
+    path = assets._gguf_path(info)
+    assert path.read_bytes() == b"".join(pieces.values())
+    bad = dataclasses.replace(info, gguf_file="u.gguf", parts=(("b", "f"), ("a", "f")))
+    with pytest.raises(AssetError, match="not a GGUF"):
+        assets._gguf_path(bad)
+    assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == ["t.gguf"]  # no torn file left
 
 
 def test_load_model_bad_arguments():

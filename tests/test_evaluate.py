@@ -206,17 +206,17 @@ def test_truthfulness_sweep_end_to_end(tmp_path, monkeypatch):
     pairs = list(zip(sentences(12, 150, 300, seed=5), sentences(12, 2, 100, seed=6)))
     kw = dict(methods=["linear", "mean"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True)
     rows = tasks.truthfulness_sweep(llama, tok, tmp_path, **kw)
-    assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("linear", 0.0, 3), ("linear", 1.0, 3), ("mean", 0.0, 3), ("mean", 1.0, 3)]
+    # λ=0 is the unsteered model for every method: scored once, as "none"
+    assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 3), ("linear", 1.0, 3), ("mean", 1.0, 3)]
     assert all(0 <= r["mc1"] <= 1 and 0 < r["mc2"] < 1 and r["n_pairs"] == 6 for r in rows)
-    assert rows[0]["mc2"] == rows[2]["mc2"]  # λ=0 is the unsteered model for every method
-    assert rows[1]["mc2"] != rows[0]["mc2"]
+    assert rows[1]["mc2"] != rows[0]["mc2"] and rows[2]["mc2"] != rows[0]["mc2"]
     assert (tmp_path / "maps" / "linear" / "transport_config.json").is_file()
     cfg = json.loads((tmp_path / "results.json").read_text())["config"]
     assert cfg["task"] == "truthfulness" and cfg["split_seed"] == 3 and cfg["n_fit"] == 6
     # more strengths in the same dir: the cached maps are reused, only new cells run
     monkeypatch.setattr(tasks, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
     rows2 = tasks.truthfulness_sweep(llama, tok, tmp_path, **{**kw, "strengths": [0.0, 0.5, 1.0]})
-    assert len(rows2) == 6 and _strip([rows2[0], rows2[2]]) == _strip(rows[:2])
+    assert len(rows2) == 5 and _strip([rows2[0], rows2[2]]) == _strip(rows[:2])
     fit, ev = tasks.split_pairs(pairs, 3)
     assert len(fit) == 6 and not set(fit) & set(ev)
 
@@ -238,17 +238,22 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
         source=source, target=target, clean_texts=sentences(5, 2, 300, seed=9), judge=StubJudge(),
         sampling=Sampling(max_new_tokens=3), progress=False, quiet=True,
     )
+    pairs = list(zip(sentences(6, 150, 300, seed=5), sentences(6, 2, 100, seed=6)))
+    kw.update(capability_pairs=pairs, ppl_model=(make_llama(seed=7), tok, "other-tiny"))
     rows = tasks.toxicity_sweep(llama, tok, tmp_path, **kw)
-    assert len(rows) == 4
+    assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 0), ("none", 0.0, 1), ("linear", 1.0, 0), ("linear", 1.0, 1)]
     for r in rows:
-        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "clean_ppl", "elapsed_s"}
-        assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1
+        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "capability", "elapsed_s"}
+        assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1 and r["ppl_other"] > 1
+        assert r["capability"] in {i / 6 for i in range(7)}
     assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
     assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
+    assert rows[0]["ppl_other"] != rows[0]["ppl_unsteered"]  # scored by the other model
     lines = (tmp_path / "continuations" / "linear_l1_s1.jsonl").read_text().splitlines()
     assert len(lines) == 4 and set(json.loads(lines[0])) == {"prompt", "continuation"}
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["sampling"]["max_new_tokens"] == 3 and res["config"]["judge_auc"] == 0.9
+    assert res["config"]["ppl_model"] == "other-tiny"
     assert all(a["n_seeds"] == 2 and a["toxic_share_std"] is not None for a in res["aggregates"])
     best = tasks.select_strength(res, "linear")
     assert best["strength"] in (0.0, 1.0)
@@ -266,22 +271,40 @@ def test_select_strength_rule():
     assert select_strength(rows, "m", max_rise=2.0)["strength"] == 1.0
     with pytest.raises(ConfigError, match="λ=0"):
         select_strength(rows[1:], "m")
+    shared = [{**rows[0], "method": "none"}] + rows[1:]  # λ=0 run once for all methods
+    assert select_strength(shared, "m")["strength"] == 0.5
+    assert select_strength([shared[0], {**rows[2]}], "m")["method"] == "none"  # nothing passes: unsteered
+
+
+def test_make_cells_shares_zero_and_takes_per_method_strengths():
+    from acttransport.evaluate.sweep import make_cells
+
+    cells = make_cells(["a", "b"], {"*": [0, 1], "b": [0, 2, 4]}, [0, 1], shared_zero=True)
+    assert [(c["method"], c["strength"], c["seed"]) for c in cells] == [
+        ("none", 0.0, 0), ("none", 0.0, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("b", 2.0, 0), ("b", 2.0, 1), ("b", 4.0, 0), ("b", 4.0, 1)]
+    assert len(make_cells(["a", "b"], [0, 1], [0])) == 4  # unshared: λ=0 per method
+    with pytest.raises(ConfigError, match="no strengths for method 'b'"):
+        make_cells(["a", "b"], {"a": [1]}, [0])
 
 
 def test_cli_parser():
-    from acttransport.evaluate.cli_eval import add_commands
+    from acttransport.evaluate.cli_eval import add_commands, strengths_arg
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command", required=True))
     a = p.parse_args(["sweep", "toxicity", "--strengths", "0,0.5,1", "--seeds", "0,1", "--methods", "linear", "--out", "x", "--restart"])
-    assert (a.task, a.strengths, a.seeds, a.methods, a.out, a.restart) == ("toxicity", [0.0, 0.5, 1.0], [0, 1], ["linear"], "x", True)
+    assert (a.task, strengths_arg(a.strengths), a.seeds, a.methods, a.out, a.restart) == ("toxicity", [0.0, 0.5, 1.0], [0, 1], ["linear"], "x", True)
+    a = p.parse_args(["sweep", "toxicity", "--strengths", "0,1", "caa=0,2,4", "--ppl-model", "none"])
+    assert strengths_arg(a.strengths) == {"*": [0.0, 1.0], "caa": [0.0, 2.0, 4.0]} and a.ppl_model == "none"
     e = p.parse_args(["eval", "truthfulness", "--modules", "model.layers.0.mlp"])
-    assert e.strengths == [0.0, 1.0] and e.methods == ["linear", "mean"] and e.modules == ["model.layers.0.mlp"]
+    assert strengths_arg(e.strengths) == [0.0, 1.0] and e.methods == ["linear", "mean"] and e.modules == ["model.layers.0.mlp"]
     assert e.func.__name__ == "cmd_eval"
     with pytest.raises(SystemExit):
         p.parse_args(["sweep", "concept"])
     with pytest.raises(SystemExit):
         p.parse_args(["sweep", "toxicity", "--strengths", "a,b"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["sweep", "toxicity", "--strengths", "0,1", "caa="])
 
 
 def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys):

