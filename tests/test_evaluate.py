@@ -321,3 +321,38 @@ def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "| mean | 1 |" in out and "results in" in out
     assert json.loads((tmp_path / "results.json").read_text())["config"]["model"] == "smollm2-135m"
+
+
+def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
+    from acttransport.evaluate import report, sweep
+
+    def run_cell(c):
+        t = {"none": 0.4, "a": 0.4 - 0.3 * c["strength"]}[c["method"]] + 0.01 * c["seed"]
+        return {"toxic_share": t, "clean_ppl": 10 + 2 * c["strength"], "ppl_unsteered": 5.0, "capability": 0.6}
+
+    cells = sweep.make_cells(["a"], [0, 0.25, 1], [0, 1], shared_zero=True)
+    cfg = {"task": "toxicity", "model": "m"}
+    sweep.prepare(tmp_path, cfg)
+    for c in cells[:4]:  # an interrupted sweep: 4 of 6 cells, no results.json yet
+        sweep._append(tmp_path / sweep.CELLS_FILE, {"key": sweep.cell_key(c), "config_hash": sweep.config_hash(cfg), "cell": c, "metrics": run_cell(c)})
+    partial = report.load_results(tmp_path)
+    assert len(partial["rows"]) == 4 and not (tmp_path / "results.json").exists()
+    sweep.run_sweep(tmp_path, cells, run_cell, cfg, quiet=True, progress=False, plots=False)
+    results = report.load_results(tmp_path)
+    table = report.report(results)
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cols[0], cols[1])] = cols
+    # base 0.405 (mean of seeds 0.40, 0.41); λ=0.25: 0.33 → 1.2×, clean PPL +0.5; λ=1: 0.105 → 3.9×, +2
+    assert rows[("a*", "0.25")][4:6] == ["1.2×", "10.50"] and rows[("a*", "0.25")][6] == "+0.50"  # * = the rule's pick
+    assert rows[("a", "1")][4] == "3.9×" and rows[("a", "1")][6] == "+2.00"
+    assert rows[("none", "0")][3:5] == ["40.5 ± 0.7", "–"] and rows[("none", "0")][-1] == "60.0"
+    png = report.plot_tradeoff(results, tmp_path / "t.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="lack"):
+        report.plot_tradeoff(results, tmp_path / "u.png", x="nope")
+    with pytest.raises(ConfigError, match="holds no sweep"):
+        report.load_results(tmp_path / "missing")
+    truth = report.report(sweep.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
+    assert "| none | 0 | 50.0 | 25.0 | 100.0 | 75.0 |" in truth

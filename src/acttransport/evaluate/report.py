@@ -1,0 +1,134 @@
+"""Paper-style tables from a sweep's ``results.json``, and a toxicity / perplexity trade-off plot.
+
+``acttransport report DIR`` prints the table for the task the sweep ran:
+
+* toxicity — toxic share (mean ± std over seeds), its reduction factor against the unsteered
+  model, clean-text perplexity and its rise, continuation perplexities, capability; the λ the
+  paper's rule selects (lowest toxic share with clean-text perplexity rise < 1) is starred;
+* truthfulness — MC1/MC2 and their per-token variants;
+* any other sweep — the generic mean ± std table of :func:`~.sweep.markdown_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .sweep import UNSTEERED, markdown_table, read_partial
+
+
+def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The results of the sweep in ``run_dir``: its ``results.json``, or, while the sweep is
+    still running (or was interrupted), the cells finished so far.
+
+    Raises:
+        ConfigError: ``run_dir`` holds no sweep.
+    """
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return read_partial(run_dir)
+    partial = read_partial(run_dir)  # cells finished after results.json was written count too
+    return partial if len(partial["rows"]) > len(results["rows"]) else results
+
+
+def _fmt(agg: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:
+    """``mean ± std`` over seeds (``spread=False``: the mean of a seed-independent metric)."""
+    mean, std = agg.get(f"{metric}_mean"), agg.get(f"{metric}_std")
+    if mean is None:
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if spread and agg.get("n_seeds", 1) > 1 and std is not None else "")
+
+
+def _base(aggs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    zero = [a for a in aggs if a["strength"] == 0.0]
+    return next((a for a in zero if a["method"] == UNSTEERED), zero[0] if zero else None)
+
+
+def toxicity_table(results: dict[str, Any]) -> str:
+    """Markdown table of a toxicity sweep, one row per (method, λ); ``*`` marks the λ the
+    paper's selection rule picks for each method."""
+    from .tasks import select_strength
+
+    aggs = results["aggregates"]
+    base = _base(aggs) or {}  # without the unsteered cells: no reductions, rises or selection
+    chosen = set()
+    for m in dict.fromkeys(a["method"] for a in aggs if a["method"] != UNSTEERED) if base else ():
+        pick = select_strength(results, m)
+        chosen.add((pick["method"], pick["strength"]))
+    other = results.get("config", {}).get("ppl_model")
+    head = ["method", "λ", "seeds", "toxic share %", "reduction", "clean PPL", "Δ clean PPL", "cont. PPL (own)"]
+    head += [f"cont. PPL ({other})"] if other else []
+    head += ["capability %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    t0, p0 = base.get("toxic_share_mean"), base.get("clean_ppl_mean")
+    for a in aggs:
+        t, p = a.get("toxic_share_mean"), a.get("clean_ppl_mean")
+        red = "–" if a is base or t is None or not t0 else ("∞" if t == 0 else f"{t0 / t:.1f}×")
+        star = "*" if (a["method"], a["strength"]) in chosen and a is not base else ""
+        row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, "toxic_share", 100, 1), red,
+               _fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
+        row += [_fmt(a, "ppl_other")] if other else []
+        row += [_fmt(a, "capability", 100, 1, spread=False)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def truthfulness_table(results: dict[str, Any]) -> str:
+    """Markdown table of a truthfulness sweep: MC1/MC2 (and per-token variants) in %."""
+    metrics = ["mc1", "mc2", "mc1_norm", "mc2_norm"]
+    head = ["method", "λ", "MC1 %", "MC2 %", "MC1 per-token %", "MC2 per-token %"]
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for a in results["aggregates"]:
+        lines.append("| " + " | ".join([a["method"], f"{a['strength']:g}"] + [_fmt(a, m, 100, 1) for m in metrics]) + " |")
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The task's table (see the module docstring)."""
+    task = results.get("config", {}).get("task")
+    if task == "toxicity":
+        return toxicity_table(results)
+    if task == "truthfulness":
+        return truthfulness_table(results)
+    return markdown_table(results)
+
+
+def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, x: str = "clean_ppl", y: str = "toxic_share") -> Path:
+    """Scatter of ``y`` against ``x`` (means over seeds), one marker per method, λ annotated.
+
+    Raises:
+        ConfigError: the results lack ``x`` or ``y``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if x not in results["metrics"] or y not in results["metrics"]:
+        raise ConfigError(f"these results lack {x!r} or {y!r}; they have: {', '.join(results['metrics'])}")
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    try:
+        for i, m in enumerate(dict.fromkeys(a["method"] for a in results["aggregates"])):
+            pts = [a for a in results["aggregates"] if a["method"] == m and a.get(f"{x}_mean") is not None and a.get(f"{y}_mean") is not None]
+            xs, ys = [a[f"{x}_mean"] for a in pts], [a[f"{y}_mean"] for a in pts]
+            ax.plot(xs, ys, marker="os^vD<>ph*"[i % 10], linestyle="-" if len(pts) > 1 else "none", label=m)
+            for a, xv, yv in zip(pts, xs, ys):
+                ax.annotate(f"{a['strength']:g}", (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
