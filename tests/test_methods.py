@@ -333,3 +333,19 @@ def test_estimate_passes_options(tiny_lm):
     t2 = at.estimate(model, tok, src, tgt, r"model\.norm", method="actadd", pair_index=2, progress=False)
     assert t2.config.options == {"pair_index": 2}
     assert not torch.equal(t0.maps["model.norm"].shift, t2.maps["model.norm"].shift)
+
+
+def test_nucleus_filter_matches_transformers_top_p():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from acttransport.generation import NucleusFilter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 500, generator=g) * torch.tensor([4.0, 2.0, 1.0, 0.3, 0.05, 8.0])[:, None]  # peaked to flat rows
+    for p in (0.05, 0.3, 0.9):
+        ref = torch.isinf(TopPLogitsWarper(p)(None, x.clone()))
+        for k in (1, 8, 500):  # k=1: nearly every row takes the full-sort path
+            got = NucleusFilter(p, k=k)(None, x.clone())
+            assert torch.equal(torch.isinf(got), ref), (p, k)
+            assert torch.equal(got[~ref], x[~ref]) and (~torch.isinf(got)).sum(1).min() >= 1
+    assert torch.equal(NucleusFilter(1.0)(None, x), x)
