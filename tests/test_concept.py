@@ -93,7 +93,7 @@ def _fake_generate(replies, calls):
 def test_generated_sentences_are_filtered_cached_and_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path))
     calls = []
-    replies = lambda r, i: [f"Here you go:\nThe football number {r}-{i} flew far away.", "A cloud hid the sun today!", "Football"][i % 3]
+    replies = lambda r, i: [f"Here you go:\nThe football number {r}-{i} flew far away.", "A cloud hid the sun!", "Football"][i % 3]
     monkeypatch.setattr(cc, "generate", _fake_generate(replies, calls))
     gen = (SimpleNamespace(acttransport_model_id="stub"), ChatTok())
     got = cc.concept_sentences("football", 5, seed=1, generator=gen)
@@ -103,11 +103,11 @@ def test_generated_sentences_are_filtered_cached_and_bounded(tmp_path, monkeypat
     files = list((tmp_path / "concept_data").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["key"]["generator"] == "stub"
     # generic: no keyword of any of the seven concepts (nor of excluded user concepts); topics naming them are dropped
-    replies = lambda r, i: [f"The cat number {r}-{i} slept on the mat.", f"A dog number {r}-{i} barked at night.", "A cloud hid the sun today!"][i % 3]
+    replies = lambda r, i: [f"The cat number {r}-{i} slept on the mat.", f"A dog number {r}-{i} barked.", "A cloud hid the sun!"][i % 3]
     monkeypatch.setattr(cc, "generate", _fake_generate(replies, calls))
     got = cc.generic_sentences(4, seed=0, generator=gen, exclude=["dog"])
     assert len(got) == 4 and all("cat" in s for s in got)
-    assert not any("a dog" in p for p, _ in [(p, s) for ps, s in calls[-1:] for p in ps])
+    assert calls and not any("a dog" in p for ps, _ in calls for p in ps)
     # never usable: a clear error after a bounded number of samples
     calls.clear()
     monkeypatch.setattr(cc, "generate", _fake_generate(lambda r, i: "Nothing about it here at all.", calls))
@@ -223,6 +223,35 @@ def test_unsteered_generations_are_read_back_from_disk(tmp_path, monkeypatch):
     assert not (tmp_path / "maps").exists()  # λ=0 needs no map
     assert len({r["ppl"] for r in rows}) == 1 and rows[0]["ppl"] == first[0]["ppl"]
     assert [r["similarity"] for r in rows[2:]] == [r["similarity"] for r in first]
+    # per-method strengths (as the CLI passes them): "*" is the default
+    grid = {"*": [0.0], "linear": [0.0, 1.0]}
+    rows = cc.concept_sweep(llama, tok, tmp_path, **_kw(tmp_path, methods=["mean", "linear"], strengths=grid, seeds=[0]))
+    assert [(r["method"], r["strength"]) for r in rows] == [
+        ("mean:football", 0.0), ("mean:cloud", 0.0), ("linear:football", 0.0), ("linear:football", 1.0), ("linear:cloud", 0.0), ("linear:cloud", 1.0)
+    ]
+    assert calls == {"unsteered": 1, "steered": 2}
+
+
+def test_sweep_generates_missing_data_and_excludes_user_concepts_from_generic(tmp_path, monkeypatch):
+    got = {}
+
+    def fake_concept(c, n, seed, generator, progress):
+        got.setdefault("concepts", []).append((c.name, n, seed))
+        return sentences(n, 150, 300, seed=len(got["concepts"]))
+
+    def fake_generic(n, seed, generator, exclude, progress):
+        got["generic"] = (n, seed, list(exclude))
+        return sentences(n, 2, 100, seed=9)
+
+    monkeypatch.setattr(cc, "concept_sentences", fake_concept)
+    monkeypatch.setattr(cc, "generic_sentences", fake_generic)
+    kw = _kw(tmp_path, concepts=["dog", "baby"], data=None, generic=None, methods=["mean"], strengths=[0.0], seeds=[0], data_seed=5)
+    cc.concept_sweep(make_llama(), make_tokenizer(), tmp_path, **kw)
+    assert got == {"concepts": [("dog", 10, 5), ("baby", 10, 5)], "generic": (10, 5, ["dog"])}
+    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert cfg["concept_data"]["generator"] == cc.GENERATOR and "OneSec" in cfg["concept_data"]["note"]
+    assert cfg["concepts"]["dog"] == {"definition": "A sentence about dog.", "keywords": ["dog", "dogs"]}
+    assert set(json.loads((tmp_path / "data.json").read_text())["concepts"]) == {"dog", "baby"}
 
 
 def test_concept_sweep_bad_inputs(tmp_path):
@@ -234,6 +263,7 @@ def test_concept_sweep_bad_inputs(tmp_path):
         (dict(concepts=["foot:ball"]), ConfigError, "concept name"),
         (dict(methods=["nope"]), ConfigError, "nope"),
         (dict(strengths=[float("nan")]), ConfigError, "finite"),
+        (dict(strengths={"linear": [0.0, 1.0]}), ConfigError, "no strengths for method 'mean'"),
         (dict(n_fit=1), ConfigError, "n_fit"),
         (dict(n_generations=0), ConfigError, "n_generations"),
         (dict(prompts=[]), DataError, "prompts"),
@@ -246,3 +276,27 @@ def test_concept_sweep_bad_inputs(tmp_path):
         with pytest.raises(err, match=msg):
             cc.concept_sweep(llama, tok, tmp_path / "x", **_kw(tmp_path, **over))
     assert not (tmp_path / "x").exists()  # rejected before anything is written
+
+
+def test_cli_concept_sweep_with_task_defaults(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from acttransport.evaluate.cli_eval import add_commands, run
+
+    monkeypatch.setattr(cc, "concept_sentences", lambda c, n, seed, generator, progress: sentences(n, 150, 300, seed=len(c.name)))
+    monkeypatch.setattr(cc, "generic_sentences", lambda n, seed, generator, exclude, progress: sentences(n, 2, 100, seed=9))
+    monkeypatch.setattr(cc, "ConceptJudge", _FakeJudge)
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["sweep", "concept", "--concepts", "kite", "--methods", "mean", "--seeds", "0", "--n-fit", "4",
+                      "--n-heldout", "4", "--n-generations", "2", "--max-new-tokens", "2", "--out", str(tmp_path)])
+    rows = run(a, "sweep", model=make_llama(), tokenizer=make_tokenizer())
+    assert [(r["method"], r["strength"]) for r in rows] == [("mean:kite", s) for s in (0.0, 1.0, 2.0, 4.0)]  # concept default λ
+    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert cfg["support"] == "all" and cfg["n_fit"] == 4 and "kite" in cfg["concepts"]
+    assert "| mean | 4 |" in capsys.readouterr().out
+
+
+class _FakeJudge(cc.ConceptJudge):
+    def __init__(self):
+        super().__init__(embed=fake_embed)

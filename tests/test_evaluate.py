@@ -299,8 +299,10 @@ def test_cli_parser():
     e = p.parse_args(["eval", "truthfulness", "--modules", "model.layers.0.mlp"])
     assert strengths_arg(e.strengths) == [0.0, 1.0] and e.methods == ["linear", "mean"] and e.modules == ["model.layers.0.mlp"]
     assert e.func.__name__ == "cmd_eval"
+    c = p.parse_args(["sweep", "concept", "--concepts", "football,kite", "--n-generations", "8"])
+    assert c.concepts == ["football", "kite"] and c.n_generations == 8 and c.strengths is None and c.support is None
     with pytest.raises(SystemExit):
-        p.parse_args(["sweep", "concept"])
+        p.parse_args(["sweep", "concepts"])
     with pytest.raises(SystemExit):
         p.parse_args(["sweep", "toxicity", "--strengths", "a,b"])
     with pytest.raises(SystemExit):

