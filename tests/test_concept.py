@@ -14,6 +14,7 @@ import pytest
 from acttransport import hooks
 from acttransport.errors import ConfigError, DataError
 from acttransport.evaluate import concept as cc
+from acttransport.evaluate import concept_data
 from acttransport.evaluate.sweep import CELLS_FILE
 from acttransport.generation import Sampling
 
@@ -43,34 +44,34 @@ def at_cos(c):
 
 
 def test_builtin_concepts_and_keywords():
-    assert cc.CONCEPT_NAMES == ("football", "cloud", "baby", "church", "book", "flower", "balloon")
-    assert cc.CONCEPTS["cloud"].keywords == ("cloud", "clouds", "cloudy")
-    assert cc.has_keyword("football", "Two FOOTBALLS on the lawn.") and cc.has_keyword("football", "football-mad fans")
-    assert not cc.has_keyword("football", "A footballer ran.")  # word boundary
-    assert cc.has_keyword("cloud", "a cloudy day") and cc.has_keyword("baby", "The babies slept") and cc.has_keyword("baby", "the baby's cot")
-    assert not cc.has_keyword("church", "the churchyard") and not cc.has_keyword("book", "a bookshelf")
-    assert cc.keyword_share("flower", ["Flowers!", "no", "a flower", "flowerpot"]) == 0.5
-    assert np.isnan(cc.keyword_share("flower", []))
+    assert concept_data.CONCEPT_NAMES == ("football", "cloud", "baby", "church", "book", "flower", "balloon")
+    assert concept_data.CONCEPTS["cloud"].keywords == ("cloud", "clouds", "cloudy")
+    assert concept_data.has_keyword("football", "Two FOOTBALLS on the lawn.") and concept_data.has_keyword("football", "football-mad fans")
+    assert not concept_data.has_keyword("football", "A footballer ran.")  # word boundary
+    assert concept_data.has_keyword("cloud", "a cloudy day") and concept_data.has_keyword("baby", "The babies slept") and concept_data.has_keyword("baby", "the baby's cot")
+    assert not concept_data.has_keyword("church", "the churchyard") and not concept_data.has_keyword("book", "a bookshelf")
+    assert concept_data.keyword_share("flower", ["Flowers!", "no", "a flower", "flowerpot"]) == 0.5
+    assert np.isnan(concept_data.keyword_share("flower", []))
 
 
 def test_user_named_concepts():
-    dog = cc.get_concept("  Dog ")
+    dog = concept_data.get_concept("  Dog ")
     assert (dog.name, dog.keywords, dog.topic) == ("dog", ("dog", "dogs"), "dog")
-    assert dog.definition == cc.USER_DEFINITION.format(word="dog") == "A sentence about dog."
-    assert cc.get_concept("box").keywords[1] == "boxes" and cc.get_concept("city").keywords[1] == "cities"
-    assert cc.get_concept("day").keywords[1] == "days" and cc.get_concept("hot air balloon").keywords[1] == "hot air balloons"
-    assert cc.get_concept("Football") is cc.CONCEPTS["football"]
-    assert cc.has_keyword("hot air balloon", "Two Hot Air Balloons rose.")
+    assert dog.definition == concept_data.USER_DEFINITION.format(word="dog") == "A sentence about dog."
+    assert concept_data.get_concept("box").keywords[1] == "boxes" and concept_data.get_concept("city").keywords[1] == "cities"
+    assert concept_data.get_concept("day").keywords[1] == "days" and concept_data.get_concept("hot air balloon").keywords[1] == "hot air balloons"
+    assert concept_data.get_concept("Football") is concept_data.CONCEPTS["football"]
+    assert concept_data.has_keyword("hot air balloon", "Two Hot Air Balloons rose.")
     for bad in ["", "   ", "foo:bar", "a/b", "x" * 41, 3, None]:
         with pytest.raises(ConfigError, match="concept name"):
-            cc.get_concept(bad)
+            concept_data.get_concept(bad)
 
 
 def test_first_sentence():
-    assert cc.first_sentence("Sure! Here is a sentence:\n\nThe church bells rang at noon. Then more.") == "The church bells rang at noon."
-    assert cc.first_sentence('Here is one sentence about clouds: "Clouds drift slowly over the hills."') == "Clouds drift slowly over the hills."
-    assert cc.first_sentence("The football rolled down the") is None  # cut off: no sentence end
-    assert cc.first_sentence("Yes.") is None and cc.first_sentence("") is None
+    assert concept_data.first_sentence("Sure! Here is a sentence:\n\nThe church bells rang at noon. Then more.") == "The church bells rang at noon."
+    assert concept_data.first_sentence('Here is one sentence about clouds: "Clouds drift slowly over the hills."') == "Clouds drift slowly over the hills."
+    assert concept_data.first_sentence("The football rolled down the") is None  # cut off: no sentence end
+    assert concept_data.first_sentence("Yes.") is None and concept_data.first_sentence("") is None
 
 
 # ------------------------------------------------------------------------------------ data
@@ -85,7 +86,7 @@ class ChatTok:
 def _fake_generate(replies, calls):
     def gen(model, tok, prompts, sampling, seed=0, batch_size=32, progress=True):
         calls.append((list(prompts), seed))
-        assert all(p.startswith("<user>Write one sentence") for p in prompts) and sampling == cc.DATA_SAMPLING
+        assert all(p.startswith("<user>Write one sentence") for p in prompts) and sampling == concept_data.DATA_SAMPLING
         return [replies(len(calls), i) for i in range(len(prompts))]
     return gen
 
@@ -94,25 +95,25 @@ def test_generated_sentences_are_filtered_cached_and_bounded(tmp_path, monkeypat
     monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path))
     calls = []
     replies = lambda r, i: [f"Here you go:\nThe football number {r}-{i} flew far away.", "A cloud hid the sun!", "Football"][i % 3]
-    monkeypatch.setattr(cc, "generate", _fake_generate(replies, calls))
+    monkeypatch.setattr(concept_data, "generate", _fake_generate(replies, calls))
     gen = (SimpleNamespace(acttransport_model_id="stub"), ChatTok())
-    got = cc.concept_sentences("football", 5, seed=1, generator=gen)
-    assert len(got) == len(set(got)) == 5 and all(cc.has_keyword("football", s) and s.endswith("away.") for s in got)
+    got = concept_data.concept_sentences("football", 5, seed=1, generator=gen)
+    assert len(got) == len(set(got)) == 5 and all(concept_data.has_keyword("football", s) and s.endswith("away.") for s in got)
     n_calls = len(calls)
-    assert cc.concept_sentences("football", 5, seed=1, generator=gen) == got and len(calls) == n_calls  # cached
+    assert concept_data.concept_sentences("football", 5, seed=1, generator=gen) == got and len(calls) == n_calls  # cached
     files = list((tmp_path / "concept_data").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["key"]["generator"] == "stub"
     # generic: no keyword of any of the seven concepts (nor of excluded user concepts); topics naming them are dropped
     replies = lambda r, i: [f"The cat number {r}-{i} slept on the mat.", f"A dog number {r}-{i} barked.", "A cloud hid the sun!"][i % 3]
-    monkeypatch.setattr(cc, "generate", _fake_generate(replies, calls))
-    got = cc.generic_sentences(4, seed=0, generator=gen, exclude=["dog"])
+    monkeypatch.setattr(concept_data, "generate", _fake_generate(replies, calls))
+    got = concept_data.generic_sentences(4, seed=0, generator=gen, exclude=["dog"])
     assert len(got) == 4 and all("cat" in s for s in got)
     assert calls and not any("a dog" in p for ps, _ in calls for p in ps)
     # never usable: a clear error after a bounded number of samples
     calls.clear()
-    monkeypatch.setattr(cc, "generate", _fake_generate(lambda r, i: "Nothing about it here at all.", calls))
+    monkeypatch.setattr(concept_data, "generate", _fake_generate(lambda r, i: "Nothing about it here at all.", calls))
     with pytest.raises(DataError, match="collected only 0 of 3 usable concept baby sentences.*inject"):
-        cc.concept_sentences("baby", 3, seed=0, generator=gen)
+        concept_data.concept_sentences("baby", 3, seed=0, generator=gen)
     assert 0 < sum(len(p) for p, _ in calls) <= 8 * 3 + 64 + 32
 
 
@@ -126,7 +127,7 @@ def test_best_threshold_on_hand_made_scores():
 
 
 def test_judge_calibration_on_hand_made_embeddings():
-    table = {cc.CONCEPTS["book"].definition: [1.0, 0.0]}
+    table = {concept_data.CONCEPTS["book"].definition: [1.0, 0.0]}
     pos = [f"p{i}" for i in range(6)]
     neg = [f"n{i}" for i in range(10)]
     table |= {p: at_cos(0.8) for p in pos} | {n: at_cos(0.2) for n in neg}
@@ -249,7 +250,7 @@ def test_sweep_generates_missing_data_and_excludes_user_concepts_from_generic(tm
     cc.concept_sweep(make_llama(), make_tokenizer(), tmp_path, **kw)
     assert got == {"concepts": [("dog", 10, 5), ("baby", 10, 5)], "generic": (10, 5, ["dog"])}
     cfg = json.loads((tmp_path / "results.json").read_text())["config"]
-    assert cfg["concept_data"]["generator"] == cc.GENERATOR and "OneSec" in cfg["concept_data"]["note"]
+    assert cfg["concept_data"]["generator"] == concept_data.GENERATOR and "OneSec" in cfg["concept_data"]["note"]
     assert cfg["concepts"]["dog"] == {"definition": "A sentence about dog.", "keywords": ["dog", "dogs"]}
     assert set(json.loads((tmp_path / "data.json").read_text())["concepts"]) == {"dog", "baby"}
 
