@@ -358,3 +358,16 @@ def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
         report.load_results(tmp_path / "missing")
     truth = report.report(sweep.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
     assert "| none | 0 | 50.0 | 25.0 | 100.0 | 75.0 |" in truth
+
+
+def test_continuation_nll_batched_in_length_order_keeps_input_order():
+    from acttransport.generation import continuation_nll
+
+    llama, tok = make_llama(), make_tokenizer()
+    prompts = ["", "w3 w4", "", "w5", "w6 w7 w8 w9"]
+    conts = sentences(5, 2, 100, seed=3)
+    conts[2] = " ".join(["w9"] * 30)  # much longer than the rest
+    together = continuation_nll(llama, tok, prompts, conts, batch_size=2, progress=False)
+    alone = [continuation_nll(llama, tok, [p], [c], batch_size=1, progress=False)[0] for p, c in zip(prompts, conts)]
+    assert [k for _, k in together] == [k for _, k in alone]
+    assert np.allclose([n for n, _ in together], [n for n, _ in alone], rtol=1e-4, atol=1e-4)

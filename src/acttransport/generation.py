@@ -146,9 +146,13 @@ def continuation_nll(
         cid = tokenizer(c, add_special_tokens=not p)["input_ids"]
         rows.append((pid, cid))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[tuple[float, int]] = []
+    # Batches of similar length: padding to the longest row of a random batch wasted ~3/4 of
+    # the forward passes on 100 insults comments (6 to 385 tokens).
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for s in tqdm(range(0, len(rows), batch_size), desc="score", unit="batch", disable=not progress, leave=False):
-        chunk = rows[s : s + batch_size]
+        idx = order[s : s + batch_size]
+        chunk = [rows[i] for i in idx]
         seqs = [pid + cid for pid, cid in chunk]
         width = max(1, max(len(x) for x in seqs))
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -157,13 +161,14 @@ def continuation_nll(
             if x:
                 ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
                 mask[i, : len(x)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]
-        for i, (pid, cid) in enumerate(chunk):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        # −log p(next) = logsumexp(logits) − logit(next), without a [B, T, V] log-softmax copy
+        picked = logits.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        nll = (torch.logsumexp(logits, dim=-1) - picked).cpu()  # [B, T-1]
+        for row, (i, (pid, cid)) in enumerate(zip(idx, chunk)):
             first = max(len(pid), 1)  # score tokens first .. len-1 (token 0 has no context)
             last = len(pid) + len(cid)
-            results.append((float(nll[i, first - 1 : last - 1].sum()), max(0, last - first)))
+            results[i] = (float(nll[row, first - 1 : last - 1].sum()), max(0, last - first))
     return results
 
 
