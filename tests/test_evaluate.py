@@ -371,3 +371,16 @@ def test_continuation_nll_batched_in_length_order_keeps_input_order():
     alone = [continuation_nll(llama, tok, [p], [c], batch_size=1, progress=False)[0] for p, c in zip(prompts, conts)]
     assert [k for _, k in together] == [k for _, k in alone]
     assert np.allclose([n for n, _ in together], [n for n, _ in alone], rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_batches_respect_the_logits_budget(monkeypatch):
+    from acttransport import generation
+
+    rows = [([1] * n, [2] * n) for n in (50, 3, 20, 4, 30, 1)]
+    monkeypatch.setattr(generation, "LOGITS_BUDGET_BYTES", 4 * 1000 * 100)  # 100 tokens of a 1000-word vocabulary
+    batches = generation._length_batches(rows, batch_size=3, vocab=1000)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    widths = [[2 * rows[i][0].__len__() for i in b] for b in batches]
+    assert all(w == sorted(w) for w in widths) and [w[-1] for w in widths] == sorted(w[-1] for w in widths)
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(w) <= 100) for b, w in zip(batches, widths))
+    assert batches[-1] == [0]  # 100 tokens alone
