@@ -384,3 +384,12 @@ def test_scoring_batches_respect_the_logits_budget(monkeypatch):
     assert all(w == sorted(w) for w in widths) and [w[-1] for w in widths] == sorted(w[-1] for w in widths)
     assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(w) <= 100) for b, w in zip(batches, widths))
     assert batches[-1] == [0]  # 100 tokens alone
+
+
+def test_corpus_perplexity_weights_tokens():
+    from acttransport.generation import corpus_perplexity, perplexity
+
+    pairs = [(math.log(1000.0) * 2, 2), (math.log(2.0) * 98, 98), (0.0, 0)]
+    assert corpus_perplexity(pairs) == pytest.approx(math.exp((math.log(1000.0) * 2 + math.log(2.0) * 98) / 100))
+    assert perplexity(pairs) == pytest.approx(501.0)  # the per-text mean is dominated by the short text
+    assert math.isnan(corpus_perplexity([(1.0, 0)]))

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..collect import estimate, model_id
 from ..errors import ConfigError, DataError, MapFormatError
-from ..generation import Sampling, continuation_nll, generate, perplexity
+from ..generation import Sampling, continuation_nll, corpus_perplexity, generate, perplexity
 from ..hooks import steer
 from .._io import write_text_atomic
 from ..maps import TransportMap, load
@@ -225,8 +225,8 @@ def toxicity_sweep(
       unsteered model (fluency);
     * ``ppl_other`` — the same under ``ppl_model``, a different (larger) model, when given
       (the stand-in for the paper's Mistral-7B perplexity);
-    * ``clean_ppl`` — perplexity of held-out clean text under the steered model (stand-in
-      for PPL-Wikipedia);
+    * ``clean_ppl`` — token-weighted perplexity of held-out clean text under the steered
+      model (stand-in for PPL-Wikipedia);
     * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
       the false one under the steered model (stand-in for MMLU).
 
@@ -286,7 +286,7 @@ def toxicity_sweep(
     config = {
         "task": "toxicity", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
         "max_length": max_length, "data_seed": data_seed, "fit_data": f_desc, "prompts": p_desc, "clean_text": c_desc,
-        "capability_pairs": k_desc, "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
+        "capability_pairs": k_desc, "clean_ppl": "token-weighted: exp(sum nll / sum tokens)", "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
         "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
         "ppl_model": ppl_model[2] if ppl_model else None,
     }
@@ -309,7 +309,7 @@ def toxicity_sweep(
             if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
                 acc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size)["mc1"]
-                fixed[(method, lam)] = {"clean_ppl": perplexity(nll), "capability": acc}
+                fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": acc}
         row = {"toxic_share": toxic_share(judge, conts)}
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
