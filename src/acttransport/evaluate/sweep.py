@@ -233,7 +233,8 @@ def run_sweep(
     results = write_results(out, config, rows)
     if plots:
         for metric in metric_names(rows):
-            plot_sweep(results, metric, out / f"{metric}.png")
+            if len({r.get(metric) for r in rows}) > 1:  # a constant (e.g. a count) needs no plot
+                plot_sweep(results, metric, out / f"{metric}.png")
     if not quiet:
         print(markdown_table(results))
     return rows
