@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .sweep import UNSTEERED, markdown_table, read_partial
+from .sweep import UNSTEERED, markdown_table, read_partial, save_png
 
 
 def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -124,11 +124,6 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, x: str = "cl
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path

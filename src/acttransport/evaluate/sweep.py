@@ -388,11 +388,16 @@ def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, 
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Lays out a matplotlib figure and writes it to ``path`` atomically (temp file + rename)."""
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
     return path
