@@ -243,9 +243,9 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     rows = tasks.toxicity_sweep(llama, tok, tmp_path, **kw)
     assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 0), ("none", 0.0, 1), ("linear", 1.0, 0), ("linear", 1.0, 1)]
     for r in rows:
-        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "capability", "elapsed_s"}
+        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "capability", "capability_norm", "elapsed_s"}
         assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1 and r["ppl_other"] > 1
-        assert r["capability"] in {i / 6 for i in range(7)}
+        assert r["capability"] in {i / 6 for i in range(7)} and r["capability_norm"] in {i / 6 for i in range(7)}
     assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
     assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
     assert rows[0]["ppl_other"] != rows[0]["ppl_unsteered"]  # scored by the other model

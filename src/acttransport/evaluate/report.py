@@ -64,7 +64,8 @@ def toxicity_table(results: dict[str, Any]) -> str:
     other = results.get("config", {}).get("ppl_model")
     head = ["method", "λ", "seeds", "toxic share %", "reduction", "clean PPL", "Δ clean PPL", "cont. PPL (own)"]
     head += [f"cont. PPL ({other})"] if other else []
-    head += ["capability %"]
+    per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
+    head += ["capability %"] + (["capability per-token %"] if per_token else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     t0, p0 = base.get("toxic_share_mean"), base.get("clean_ppl_mean")
     for a in aggs:
@@ -74,7 +75,7 @@ def toxicity_table(results: dict[str, Any]) -> str:
         row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, "toxic_share", 100, 1), red,
                _fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
         row += [_fmt(a, "ppl_other")] if other else []
-        row += [_fmt(a, "capability", 100, 1, spread=False)]
+        row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

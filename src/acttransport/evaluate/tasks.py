@@ -228,7 +228,8 @@ def toxicity_sweep(
     * ``clean_ppl`` — token-weighted perplexity of held-out clean text under the steered
       model (stand-in for PPL-Wikipedia);
     * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
-      the false one under the steered model (stand-in for MMLU).
+      the false one under the steered model (stand-in for MMLU); ``capability_norm`` the same
+      on log-likelihood per token (the summed one favours the shorter, usually false, statement).
 
     ``clean_ppl`` and ``capability`` do not depend on the seed: they are computed once per
     (method, λ) and repeated in each of its cells.
@@ -253,7 +254,7 @@ def toxicity_sweep(
 
     Returns:
         Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, [ppl_other,]
-        clean_ppl, capability, elapsed_s}``.
+        clean_ppl, capability, capability_norm, elapsed_s}``.
     """
     _check_grid(methods, strengths, seeds)
     from .. import assets
@@ -308,8 +309,8 @@ def toxicity_sweep(
             conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
             if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
-                acc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size)["mc1"]
-                fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": acc}
+                mc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size)
+                fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
         row = {"toxic_share": toxic_share(judge, conts)}
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
