@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .sweep import UNSTEERED, markdown_table, read_partial, save_png
+from .sweep import CELLS_FILE, UNSTEERED, markdown_table, read_partial, save_png
 
 
 def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -27,13 +27,14 @@ def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ConfigError: ``run_dir`` holds no sweep.
     """
-    path = Path(run_dir) / "results.json"
+    path, cells = Path(run_dir) / "results.json", Path(run_dir) / CELLS_FILE
     try:
         results = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return read_partial(run_dir)
-    partial = read_partial(run_dir)  # cells finished after results.json was written count too
-    return partial if len(partial["rows"]) > len(results["rows"]) else results
+    if cells.is_file() and cells.stat().st_mtime > path.stat().st_mtime:
+        return read_partial(run_dir)  # a later sweep is still running (or was interrupted) here
+    return results  # the grid the last finished sweep asked for
 
 
 def _fmt(agg: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:
