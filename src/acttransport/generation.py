@@ -32,7 +32,7 @@ class Sampling:
 
 
 class NucleusFilter:
-    """Top-p (nucleus) filtering, exact and fast for large vocabularies.
+    """Top-p (nucleus) filtering by transformers' rule, fast for large vocabularies.
 
     Keeps token ``i`` iff the probability mass of the tokens ranked strictly above it is
     below ``top_p`` (so at least the top token survives) — the rule of transformers'
@@ -60,12 +60,12 @@ class NucleusFilter:
         k = min(self.k, scores.shape[-1])
         top, idx = probs.topk(k, dim=-1)  # descending
         full = top.sum(-1) < self.top_p  # rows whose nucleus may reach beyond the top k
-        if full.any():
-            top_f, idx_f = probs[full].sort(dim=-1, descending=True)
-            return torch.cat([self._mask(scores[~full], top[~full], idx[~full]), self._mask(scores[full], top_f, idx_f)])[
-                torch.argsort(torch.cat([torch.nonzero(~full).flatten(), torch.nonzero(full).flatten()]))
-            ]
-        return self._mask(scores, top, idx)
+        if not full.any():
+            return self._mask(scores, top, idx)
+        out = scores.clone()
+        out[~full] = self._mask(scores[~full], top[~full], idx[~full])
+        out[full] = self._mask(scores[full], *probs[full].sort(dim=-1, descending=True))
+        return out
 
     def _mask(self, scores: torch.Tensor, top: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         keep_sorted = (top.cumsum(-1) - top) < self.top_p  # mass strictly above each token

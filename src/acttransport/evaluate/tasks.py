@@ -287,7 +287,8 @@ def toxicity_sweep(
     config = {
         "task": "toxicity", "model": model_name or model_id(model), "modules": modules, "support": support, "causal": causal,
         "max_length": max_length, "data_seed": data_seed, "fit_data": f_desc, "prompts": p_desc, "clean_text": c_desc,
-        "capability_pairs": k_desc, "clean_ppl": "token-weighted: exp(sum nll / sum tokens)", "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
+        "capability_pairs": k_desc, "clean_ppl": "token-weighted: exp(sum nll / sum tokens)",
+        "n_prompts": len(prompts), "n_fit": min(len(source), len(target)), "n_clean": len(clean_texts),
         "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
         "ppl_model": ppl_model[2] if ppl_model else None,
     }
