@@ -39,7 +39,7 @@ from ..generation import Sampling, continuation_nll, generate, perplexity
 from ..fit import parse_support
 from ..hooks import check_strength, match_modules, steer
 from ..maps import TransportMap
-from .sweep import aggregate, config_hash, make_cells, prepare, run_sweep
+from .sweep import aggregate, config_hash, make_cells, prepare, run_sweep, strengths_per_method
 from .concept_data import (
     CONCEPT_NAMES, CONCEPT_PROMPTS, CONCEPTS, DATA_SAMPLING, GENERATOR, GENERIC_PROMPT, GENERIC_TOPICS, Concept,
     _keyword_re, concept_sentences, generic_sentences, get_concept, has_keyword,
@@ -297,7 +297,8 @@ def concept_sweep(
             patterns. DataError: too few or malformed sentences or prompts.
     """
     _check_grid(methods, strengths, seeds)
-    for v in strengths.values() if isinstance(strengths, Mapping) else [strengths]:
+    per_method = strengths_per_method(methods, strengths)
+    for v in per_method.values():
         for s in v:
             check_strength(s, True)
     if isinstance(concepts, str) or not concepts:
@@ -389,9 +390,8 @@ def concept_sweep(
         write_text_atomic(gen_dir / f"{method}_{concept.replace(' ', '_')}_l{lam:g}_s{seed}.jsonl", _jsonl(recs))
         return {"concept_share": float(hit.mean()), "keyword_share": float(np.mean(kw)), "similarity": float(sims.mean()), "ppl": ppl}
 
-    if isinstance(strengths, Mapping):  # per method → per (method, concept) label
-        strengths = {f"{m}:{c}": strengths.get(m, strengths.get("*")) for m in methods for c in names}
-    cells = make_cells([f"{m}:{c}" for m in methods for c in names], strengths, seeds)
+    labels = {f"{m}:{c}": per_method[m] for m in methods for c in names}  # one line per (method, concept)
+    cells = make_cells(list(labels), labels, seeds)
     rows = run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
     summary = summarize_concepts(rows, calib)
     write_text_atomic(out / "concepts.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")

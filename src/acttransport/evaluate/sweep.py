@@ -76,7 +76,7 @@ def make_cells(
     Raises:
         ConfigError: a method has no strengths.
     """
-    per = _strengths_per_method(methods, strengths)
+    per = strengths_per_method(methods, strengths)
     cells: list[dict[str, Any]] = []
     if shared_zero and any(0.0 in v for v in per.values()):
         cells += [{"method": UNSTEERED, "strength": 0.0, "seed": int(k)} for k in seeds]
@@ -87,9 +87,14 @@ def make_cells(
     return cells
 
 
-def _strengths_per_method(
+def strengths_per_method(
     methods: Sequence[str], strengths: Sequence[float] | Mapping[str, Sequence[float]]
 ) -> dict[str, list[float]]:
+    """Each method's distinct λ values: ``strengths`` itself, or its entry in a mapping (else ``"*"``).
+
+    Raises:
+        ConfigError: a method has no strengths.
+    """
     if not isinstance(strengths, Mapping):
         strengths = {"*": strengths}
     per = {}
