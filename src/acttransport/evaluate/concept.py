@@ -44,7 +44,7 @@ from .concept_data import (
     CONCEPT_NAMES, CONCEPT_PROMPTS, CONCEPTS, DATA_SAMPLING, GENERATOR, GENERIC_PROMPT, GENERIC_TOPICS, Concept,
     _keyword_re, concept_sentences, generic_sentences, get_concept, has_keyword,
 )
-from .tasks import MapCache, _check_grid, _digest
+from .common import MapCache, check_grid, digest
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -228,12 +228,12 @@ def _sentence_sets(
         missing = [n for n in names if n not in data]
         if missing:
             raise DataError(f"no injected sentences for {missing}; add them to data, or pass data=None to generate them")
-        desc = {"concept_data": {"injected": _digest({n: list(data[n]) for n in names})}}
+        desc = {"concept_data": {"injected": digest({n: list(data[n]) for n in names})}}
     if generic is None:
         generic = generic_sentences(need, seed, generator, [n for n in names if n not in CONCEPTS], progress)
         desc["generic_data"] = {**generated, "prompt": GENERIC_PROMPT, "topics": list(GENERIC_TOPICS)}
     else:
-        desc["generic_data"] = {"injected": _digest(list(generic))}
+        desc["generic_data"] = {"injected": digest(list(generic))}
         rx = _keyword_re([k for c in cs for k in c.keywords])
         n_kw = sum(bool(rx.search(t)) for t in generic if isinstance(t, str))
         if n_kw:
@@ -296,7 +296,7 @@ def concept_sweep(
         ConfigError: bad grid, concept names, sizes or support. ModuleMatchError: bad module
             patterns. DataError: too few or malformed sentences or prompts.
     """
-    _check_grid(methods, strengths, seeds)
+    check_grid(methods, strengths, seeds)
     per_method = strengths_per_method(methods, strengths)
     for v in per_method.values():
         for s in v:

@@ -27,7 +27,7 @@ from ..assets import cache_dir
 from ..collect import model_id
 from ..errors import ConfigError, DataError
 from ..generation import Sampling, generate
-from .tasks import _digest
+from .common import digest
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def _sample_sentences(
     gen_id = model_id(generator[0]) if generator is not None else GENERATOR
     key = {"format": _DATA_FORMAT, "generator": gen_id, "prompts": list(prompts), "keywords": sorted(keywords), "wanted": wanted,
            "n": n, "seed": seed, "sampling": dataclasses.asdict(DATA_SAMPLING)}
-    path = cache_dir() / "concept_data" / f"{label.replace(' ', '_')}_n{n}_s{seed}_{_digest(key)}.json"
+    path = cache_dir() / "concept_data" / f"{label.replace(' ', '_')}_n{n}_s{seed}_{digest(key)}.json"
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
         if rec["key"] == key and len(rec["sentences"]) == n:

