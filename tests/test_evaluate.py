@@ -133,6 +133,25 @@ def test_sweep_resumes_after_interruption(tmp_path):
     assert calls == []
 
 
+def test_sweep_grown_in_steps_keeps_every_cell_in_results(tmp_path):
+    first = sw.make_cells(["a"], [0.0, 1.0], [0, 1], shared_zero=True)
+    sw.run_sweep(tmp_path, first, _metric, CONFIG, progress=False, quiet=True, plots=False)
+    other = {"method": "c", "strength": 2.0, "seed": 0}  # finished by another process while the next run goes
+
+    def metric_and_other_process(cell):
+        if not any(r["cell"] == other for r in map(json.loads, (tmp_path / sw.CELLS_FILE).read_text().splitlines())):
+            sw._append(tmp_path / sw.CELLS_FILE, {"key": sw.cell_key(other), "config_hash": sw.config_hash(CONFIG), "cell": other, "metrics": _metric(other)})
+        return _metric(cell)
+
+    second = sw.make_cells(["b"], [0.5], [0, 1])
+    rows = sw.run_sweep(tmp_path, second, metric_and_other_process, CONFIG, progress=False, quiet=True, plots=False)
+    assert [(r["method"], r["strength"]) for r in rows] == [("b", 0.5)] * 2  # the return value is this grid's
+    saved = json.loads((tmp_path / "results.json").read_text())
+    keys = [(r["method"], r["strength"], r["seed"]) for r in saved["rows"]]
+    assert keys == [("none", 0.0, 0), ("none", 0.0, 1), ("b", 0.5, 0), ("b", 0.5, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("c", 2.0, 0)]
+    assert saved["grid"]["methods"] == ["none", "b", "a", "c"] and len(saved["aggregates"]) == 4
+
+
 def test_sweep_ignores_torn_last_line(tmp_path):
     out = tmp_path / "s"
     sw.run_sweep(out, CELLS[:3], _metric, CONFIG, progress=False, quiet=True)

@@ -34,7 +34,7 @@ def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
         return read_partial(run_dir)
     if cells.is_file() and cells.stat().st_mtime > path.stat().st_mtime:
         return read_partial(run_dir)  # a later sweep is still running (or was interrupted) here
-    return results  # the grid the last finished sweep asked for
+    return results
 
 
 def _fmt(agg: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:

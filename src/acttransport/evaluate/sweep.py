@@ -5,7 +5,9 @@ Files in ``out_dir``:
 * ``sweep_config.json`` — the fixed configuration and its hash (written first).
 * ``cells.jsonl`` — one JSON line per finished cell, appended and fsync'ed as each finishes;
   an interrupted sweep re-run with the same configuration skips these cells.
-* ``results.json`` — config, grid, per-cell rows and per-(method, λ) aggregates over seeds.
+* ``results.json`` — config, grid, per-cell rows and per-(method, λ) aggregates over seeds, for
+  every cell finished in the directory (a sweep extended by later runs with other methods,
+  strengths or seeds keeps the earlier cells).
 * ``results.csv`` — the per-cell rows; ``summary.csv`` — the aggregates.
 * ``<metric>.png`` — metric vs λ per method, mean line and a band over seeds.
 
@@ -211,7 +213,8 @@ def run_sweep(
         quiet: do not print the markdown table.
 
     Returns:
-        One row per cell, in the order of ``cells``: ``{method, strength, seed, <metrics>..., elapsed_s}``.
+        One row per cell, in the order of ``cells``: ``{method, strength, seed, <metrics>..., elapsed_s}``
+        (``results.json`` also holds the cells earlier runs finished in ``out_dir``).
 
     Raises:
         ConfigError: duplicate cells, or ``out_dir`` holds a sweep with another configuration.
@@ -234,8 +237,14 @@ def run_sweep(
         }
         _append(out / CELLS_FILE, rec)
         done[key] = rec
+    for k, rec in read_cells(out / CELLS_FILE, chash).items():  # cells another process added meanwhile
+        done.setdefault(k, rec)
     rows = [_row(done[k]) for k in keys]
-    results = write_results(out, config, rows)
+    # results cover every finished cell here, so a sweep grown in steps stays whole; the unsteered
+    # cells first, then methods in first-seen order, each by λ and seed
+    every = rows + [_row(rec) for k, rec in done.items() if k not in set(keys)]
+    order = {m: i for i, m in enumerate(dict.fromkeys([UNSTEERED] + [r["method"] for r in every]))}
+    results = write_results(out, config, sorted(every, key=lambda r: (order[r["method"]], r["strength"], r["seed"])))
     if plots:
         for metric in metric_names(rows):
             if len({r.get(metric) for r in rows}) > 1:  # a constant (e.g. a count) needs no plot
