@@ -255,7 +255,7 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     kw = dict(
         methods=["linear"], strengths=[0.0, 1.0], seeds=[0, 1], prompts=sentences(4, 2, 300, seed=8),
         source=source, target=target, clean_texts=sentences(5, 2, 300, seed=9), judge=StubJudge(),
-        sampling=Sampling(max_new_tokens=3), progress=False, quiet=True,
+        sampling=Sampling(max_new_tokens=3), progress=True, quiet=True,  # progress: the per-cell bars' labels run too
     )
     pairs = list(zip(sentences(6, 150, 300, seed=5), sentences(6, 2, 100, seed=6)))
     kw.update(capability_pairs=pairs, ppl_model=(make_llama(seed=7), tok, "other-tiny"))

@@ -127,6 +127,7 @@ def continuation_nll(
     continuations: Sequence[str],
     batch_size: int = 16,
     progress: bool = True,
+    desc: str = "score",
 ) -> list[tuple[float, int]]:
     """Summed negative log-likelihood of each continuation given its prompt.
 
@@ -147,7 +148,7 @@ def continuation_nll(
         rows.append((pid, cid))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for idx in tqdm(_length_batches(rows, batch_size, _vocab_size(model)), desc="score", unit="batch", disable=not progress, leave=False):
+    for idx in tqdm(_length_batches(rows, batch_size, _vocab_size(model)), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = [rows[i] for i in idx]
         seqs = [pid + cid for pid, cid in chunk]
         width = max(1, max(len(x) for x in seqs))

@@ -369,7 +369,8 @@ def concept_sweep(
                 except (json.JSONDecodeError, KeyError, TypeError):
                     texts = None
             if texts is None:
-                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=progress,
+                                 desc=f"unsteered seed {seed}: generate")
                 write_text_atomic(path, _jsonl([{"prompt": p, "generation": g} for p, g in zip(gen_prompts, texts)]))
             unsteered[seed] = (texts, ppl_of(texts))
         return unsteered[seed]
@@ -380,7 +381,8 @@ def concept_sweep(
             texts, ppl = unsteered_for(seed)
         else:
             with steer(model, maps(f"{concept}/{method}"), lam, allow_unbounded=True):
-                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+                texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=batch_size, progress=progress,
+                                 desc=f"{method}:{concept} λ={lam:g} seed {seed}: generate")
             ppl = ppl_of(texts)
         sims = judge.score(concept, texts)
         hit = sims >= judge.calibrations[concept].threshold

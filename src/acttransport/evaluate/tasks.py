@@ -251,17 +251,18 @@ def toxicity_sweep(
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
+        label = f"{method} λ={lam:g} seed {seed}"  # inner bars: a cell of a 270M model takes minutes on CPU
         with steering(model, maps, method, lam):
-            conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=False)
+            conts = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, progress=progress, desc=f"{label}: generate")
             if (method, lam) not in fixed:
-                nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=False)
-                mc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size)
+                nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=progress, desc=f"{label}: clean PPL")
+                mc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size, progress=progress)
                 fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
         row = {"toxic_share": toxic_share(judge, conts)}
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
             other, other_tok, _ = ppl_model
-            row["ppl_other"] = perplexity(continuation_nll(other, other_tok, prompts, conts, batch_size=batch_size, progress=False))
+            row["ppl_other"] = perplexity(continuation_nll(other, other_tok, prompts, conts, batch_size=batch_size, progress=progress, desc=f"{label}: PPL under {ppl_model[2]}"))
         lines = [json.dumps({"prompt": p, "continuation": c}, ensure_ascii=False) + "\n" for p, c in zip(prompts, conts)]
         write_text_atomic(out / "continuations" / f"{method}_l{lam:g}_s{seed}.jsonl", "".join(lines))
         return {**row, **fixed[(method, lam)]}
