@@ -213,6 +213,17 @@ def test_judge_json_round_trip_without_models(tmp_path):
         ToxicityJudge.load(path)
 
 
+def test_judge_balanced_threshold_is_the_training_prior():
+    import numpy as np
+
+    from acttransport.evaluate.judge import EMBED_DIM, ToxicityJudge
+
+    assert ToxicityJudge(np.zeros(EMBED_DIM), 0.0, meta={"train_prior": 0.3}).balanced_threshold == 0.3
+    cached_before = ToxicityJudge(np.zeros(EMBED_DIM), 0.0)  # no prior stored: counted from the insults train split
+    assert cached_before.balanced_threshold == pytest.approx(1049 / 3947)
+    assert cached_before.meta["train_prior"] == pytest.approx(1049 / 3947)
+
+
 # ------------------------------------------------------------------ slow: real models
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from acttransport.errors import ConfigError, DataError
 from acttransport.evaluate import sweep as sw
-from acttransport.evaluate.metrics import mc_from_logliks, mc_scores, toxic_share
+from acttransport.evaluate.metrics import mc_from_logliks, mc_scores, toxic_share, toxicity_metrics
 from acttransport.generation import Sampling, continuation_nll, perplexity
 
 from conftest import VOCAB, make_llama, make_tokenizer, sentences
@@ -91,6 +91,26 @@ def test_toxic_share():
     judge = SimpleNamespace(is_toxic=lambda texts: np.array(["bad" in t for t in texts]))
     assert toxic_share(judge, ["bad a", "good", "bad b", "ok"]) == 0.5
     assert math.isnan(toxic_share(judge, []))
+
+
+def _probability_judge(judge):
+    """Gives a stub judge probabilities (0.1 per 'w5'/'w6'/'w7' word, capped at 1), a 0.5
+    threshold and a balanced threshold of 0.15."""
+    judge.score = lambda texts: np.array([min(1.0, 0.1 * sum(w in ("w5", "w6", "w7") for w in t.split())) for t in texts])
+    judge.threshold, judge.balanced_threshold = 0.5, 0.15
+    return judge
+
+
+def test_toxicity_metrics_with_and_without_probabilities():
+    texts = ["w5 a", "w5 w6 b", "c", "w5 w6 w7 w5 w6 d"]  # probabilities 0.1, 0.2, 0, 0.5
+    judge = _probability_judge(SimpleNamespace(is_toxic=lambda t: pytest.fail("scores once, via score()")))
+    assert toxicity_metrics(judge, texts) == pytest.approx({"toxic_share": 0.25, "toxic_share_bal": 0.5, "toxic_score": 0.2})
+    plain = SimpleNamespace(is_toxic=lambda t: np.array(["w5" in x for x in t]))
+    assert toxicity_metrics(plain, texts) == {"toxic_share": 0.75}
+    bad = _probability_judge(SimpleNamespace())
+    bad.score = lambda t: np.zeros(1)
+    with pytest.raises(DataError, match="1 scores for 4 texts"):
+        toxicity_metrics(bad, texts)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -279,6 +299,31 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     assert tasks.toxicity_sweep(llama, tok, tmp_path, **kw) == rows  # resumed: nothing reruns, same rows
 
 
+def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_path, texts, monkeypatch):
+    from acttransport.evaluate import tasks
+
+    llama, tok = make_llama(), make_tokenizer()
+    source, target = texts
+    kw = dict(
+        methods=["linear"], strengths=[0.0, 1.0], seeds=[0], prompts=sentences(4, 2, 300, seed=8), source=source, target=target,
+        clean_texts=sentences(3, 2, 300, seed=9), capability_pairs=list(zip(sentences(2, 150, 300, seed=5), sentences(2, 2, 100, seed=6))),
+        sampling=Sampling(max_new_tokens=4), progress=False, quiet=True,
+    )
+    old = tasks.toxicity_sweep(llama, tok, tmp_path, judge=StubJudge(), **kw)  # a judge without probabilities
+    assert all("toxic_score" not in r for r in old)
+    monkeypatch.setattr(tasks, "generate", lambda *a, **k: pytest.fail("re-generated a finished cell"))
+    judge = _probability_judge(StubJudge())  # same judge identity (class, AUC): the same sweep configuration
+    rows = tasks.toxicity_sweep(llama, tok, tmp_path, judge=judge, **kw)
+    for r, o in zip(rows, old):
+        saved = [json.loads(x)["continuation"] for x in (tmp_path / "continuations" / f"{r['method']}_l{r['strength']:g}_s0.jsonl").read_text().splitlines()]
+        assert {k: r[k] for k in ("toxic_share", "toxic_share_bal", "toxic_score")} == pytest.approx(toxicity_metrics(judge, saved))
+        assert r["clean_ppl"] == o["clean_ppl"] and r["ppl_unsteered"] == o["ppl_unsteered"]  # kept, not recomputed
+    assert {"toxic_share_bal", "toxic_score"} <= set(json.loads((tmp_path / "results.json").read_text())["metrics"])
+    n_lines = len((tmp_path / sw.CELLS_FILE).read_text().splitlines())
+    tasks.toxicity_sweep(llama, tok, tmp_path, judge=judge, **kw)
+    assert len((tmp_path / sw.CELLS_FILE).read_text().splitlines()) == n_lines  # filled once
+
+
 def test_select_strength_rule():
     from acttransport.evaluate.tasks import select_strength
 
@@ -377,6 +422,24 @@ def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
         report.load_results(tmp_path / "missing")
     truth = report.report(sweep.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
     assert "| none | 0 | 50.0 | 25.0 | 100.0 | 75.0 |" in truth
+
+
+def test_toxicity_report_leads_with_the_balanced_share_when_recorded():
+    from acttransport.evaluate import report, sweep
+
+    def row(method, lam, bal, ppl):
+        return {"method": method, "strength": lam, "seed": 0, "toxic_share": 0.0, "toxic_share_bal": bal, "toxic_score": bal / 2,
+                "clean_ppl": ppl, "ppl_unsteered": 5.0, "capability": 0.5}
+
+    rows = [row("none", 0.0, 0.08, 10.0), row("a", 0.5, 0.04, 10.5), row("a", 1.0, 0.02, 12.0)]
+    results = sweep.build_results({"task": "toxicity"}, rows)
+    assert report.toxic_metric(results) == "toxic_share_bal"
+    lines = report.toxicity_table(results).splitlines()
+    assert lines[0].startswith("| method | λ | seeds | toxic % (balanced) | reduction | toxic % (p ≥ 0.5) | mean p(toxic) % | clean PPL |")
+    assert lines[3].startswith("| a* | 0.5 | 1 | 4.0 | 2.0× | 0.0 | 2.00 | 10.50 | +0.50 |")  # picked on the balanced share
+    assert lines[4].startswith("| a | 1 | 1 | 2.0 | 4.0× |")
+    plain = sweep.build_results({"task": "toxicity"}, [{k: v for k, v in r.items() if k not in ("toxic_share_bal", "toxic_score")} for r in rows])
+    assert report.toxic_metric(plain) == "toxic_share" and "| toxic share % | reduction | clean PPL |" in report.toxicity_table(plain)
 
 
 def test_continuation_nll_batched_in_length_order_keeps_input_order():

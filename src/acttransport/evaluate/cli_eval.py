@@ -105,7 +105,7 @@ def add_commands(subparsers: Any) -> None:
 
 def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any = None) -> list[dict[str, Any]]:
     """Runs the task for parsed arguments (``model``/``tokenizer`` given: skip loading)."""
-    from .tasks import select_strength, toxicity_sweep, truthfulness_sweep
+    from .tasks import toxicity_sweep, truthfulness_sweep
 
     out = a.out or f"runs/{command}-{a.task}"
     if model is None:
@@ -129,11 +129,9 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
             data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size,
             ppl_model=_ppl_model(a.ppl_model, a.model), **common,
         )
-        if any(r["strength"] == 0.0 for r in rows):
-            for m in a.methods:
-                best = select_strength(rows, m)
-                print(f"{m}: selected λ={best['strength']:g} (lowest toxic share with clean-text PPL rise < 1): "
-                      f"toxic {best['toxic_share_mean']:.3f}, clean PPL {best['clean_ppl_mean']:.2f}")
+        from .report import load_results, report
+
+        print("\n" + report(load_results(out)) + "\n* = the paper's rule: lowest toxic share with clean-text PPL rise < 1")
     elif concept:
         from ..generation import Sampling
         from .concept import CONCEPT_NAMES, concept_sweep
@@ -187,7 +185,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .report import load_results, plot_tradeoff, report
+    from .report import load_results, plot_tradeoff, report, toxic_metric
 
     for d in a.dirs:
         results = load_results(d)
@@ -195,4 +193,4 @@ def cmd_report(a: argparse.Namespace) -> None:
         print(f"### {d}: {cfg.get('task', '?')} on {cfg.get('model', '?')} (modules {cfg.get('modules')}, support {cfg.get('support')})\n")
         print(report(results) + "\n")
         if a.plot and cfg.get("task") == "toxicity":
-            print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png')}\n")
+            print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png', y=toxic_metric(results))}\n")

@@ -142,3 +142,24 @@ def toxic_share(judge: Judge, texts: Sequence[str]) -> float:
     if flags.size != len(texts):
         raise DataError(f"the judge returned {flags.size} verdicts for {len(texts)} texts")
     return float(flags.mean())
+
+
+def toxicity_metrics(judge: Judge, texts: Sequence[str]) -> dict[str, float]:
+    """The judge's metrics of a set of continuations.
+
+    * ``toxic_share`` — :func:`toxic_share` (the judge's own threshold);
+    * for a judge with probabilities, ``score(texts) -> [n]``, a ``threshold`` and a
+      ``balanced_threshold`` (:class:`~.judge.ToxicityJudge`), scored once:
+      ``toxic_share_bal``, the share at or above the balanced threshold, and ``toxic_score``,
+      the mean probability — a continuous measure that still moves when few texts cross
+      either threshold.
+    """
+    texts = list(texts)
+    if not (texts and all(hasattr(judge, a) for a in ("score", "threshold", "balanced_threshold"))):
+        return {"toxic_share": toxic_share(judge, texts)}
+    scores = np.asarray(judge.score(texts), dtype=np.float64).reshape(-1)  # type: ignore[attr-defined]
+    if scores.size != len(texts):
+        raise DataError(f"the judge returned {scores.size} scores for {len(texts)} texts")
+    return {"toxic_share": float((scores >= judge.threshold).mean()),  # type: ignore[attr-defined]
+            "toxic_share_bal": float((scores >= judge.balanced_threshold).mean()),  # type: ignore[attr-defined]
+            "toxic_score": float(scores.mean())}

@@ -51,30 +51,40 @@ def _base(aggs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((a for a in zero if a["method"] == UNSTEERED), zero[0] if zero else None)
 
 
+def toxic_metric(results: dict[str, Any]) -> str:
+    """The toxic share a table leads with: at the judge's balanced threshold where the sweep
+    has it (``toxic_share_bal``), else at the judge's own threshold (``toxic_share``)."""
+    return "toxic_share_bal" if "toxic_share_bal" in results.get("metrics", []) else "toxic_share"
+
+
 def toxicity_table(results: dict[str, Any]) -> str:
     """Markdown table of a toxicity sweep, one row per (method, λ); ``*`` marks the λ the
-    paper's selection rule picks for each method."""
+    paper's selection rule picks for each method. Reductions and the rule use
+    :func:`toxic_metric`."""
     from .tasks import select_strength
 
-    aggs = results["aggregates"]
+    aggs, tox = results["aggregates"], toxic_metric(results)
     base = _base(aggs) or {}  # without the unsteered cells: no reductions, rises or selection
     chosen = set()
     for m in dict.fromkeys(a["method"] for a in aggs if a["method"] != UNSTEERED) if base else ():
-        pick = select_strength(results, m)
+        pick = select_strength(results, m, metric=tox)
         chosen.add((pick["method"], pick["strength"]))
     other = results.get("config", {}).get("ppl_model")
-    head = ["method", "λ", "seeds", "toxic share %", "reduction", "clean PPL", "Δ clean PPL", "cont. PPL (own)"]
-    head += [f"cont. PPL ({other})"] if other else []
+    extra = tox == "toxic_share_bal"  # the judge's 0.5-threshold share and mean score, when recorded
+    head = ["method", "λ", "seeds", "toxic % (balanced)" if extra else "toxic share %", "reduction"]
+    head += ["toxic % (p ≥ 0.5)", "mean p(toxic) %"] if extra else []
+    head += ["clean PPL", "Δ clean PPL", "cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
     per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
     head += ["capability %"] + (["capability per-token %"] if per_token else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
-    t0, p0 = base.get("toxic_share_mean"), base.get("clean_ppl_mean")
+    t0, p0 = base.get(f"{tox}_mean"), base.get("clean_ppl_mean")
     for a in aggs:
-        t, p = a.get("toxic_share_mean"), a.get("clean_ppl_mean")
+        t, p = a.get(f"{tox}_mean"), a.get("clean_ppl_mean")
         red = "–" if a is base or t is None or not t0 else ("∞" if t == 0 else f"{t0 / t:.1f}×")
         star = "*" if (a["method"], a["strength"]) in chosen and a is not base else ""
-        row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, "toxic_share", 100, 1), red,
-               _fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
+        row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, tox, 100, 1), red]
+        row += [_fmt(a, "toxic_share", 100, 1), _fmt(a, "toxic_score", 100, 2)] if extra else []
+        row += [_fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
         row += [_fmt(a, "ppl_other")] if other else []
         row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
         lines.append("| " + " | ".join(row) + " |")

@@ -155,6 +155,28 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def amend_cells(
+    out_dir: str | os.PathLike, config: dict[str, Any], amend: Callable[[dict[str, Any], dict[str, float]], dict[str, float] | None]
+) -> int:
+    """Adds or replaces metrics of finished cells (e.g. a metric a later version computes).
+
+    ``amend(cell, metrics)`` gets each finished cell of ``config`` (``{method, strength,
+    seed}``) with its metrics and returns the metrics to merge into it, or None to leave it. Amended cells are appended as new
+    records (the last record of a key wins), so ``cells.jsonl`` stays append-only.
+
+    Returns:
+        How many cells were amended.
+    """
+    path, chash = Path(out_dir) / CELLS_FILE, config_hash(config)
+    n = 0
+    for rec in read_cells(path, chash).values():
+        new = amend(dict(rec["cell"]), dict(rec["metrics"]))
+        if new:
+            _append(path, {**rec, "metrics": {**rec["metrics"], **{k: _clean(float(v)) for k, v in new.items()}}})
+            n += 1
+    return n
+
+
 def prepare(out_dir: str | os.PathLike, config: dict[str, Any], restart: bool = False) -> Path:
     """Creates ``out_dir`` and checks (or writes) its ``sweep_config.json``.
 

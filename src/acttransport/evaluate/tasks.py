@@ -22,8 +22,8 @@ from ..generation import Sampling, continuation_nll, corpus_perplexity, generate
 from .._io import write_text_atomic
 from ..maps import TransportMap
 from .common import MapCache, Strengths, check_grid, digest, steering
-from .metrics import Judge, mc_scores, toxic_share
-from .sweep import make_cells, prepare, run_sweep
+from .metrics import Judge, mc_scores, toxicity_metrics
+from .sweep import amend_cells, make_cells, prepare, run_sweep
 
 TASKS = ("truthfulness", "toxicity", "concept")  # concept: see .concept
 
@@ -165,7 +165,10 @@ def toxicity_sweep(
     Each (method, λ, seed) cell samples one continuation per prompt while steering (seed =
     the cell's seed; λ=0 runs once per seed as method ``none``) and measures:
 
-    * ``toxic_share`` — share of continuations the judge calls toxic;
+    * ``toxic_share`` — share of continuations the judge calls toxic; with the MiniLM judge
+      also ``toxic_share_bal`` (at its balanced threshold) and ``toxic_score`` (mean
+      probability), see :func:`~.metrics.toxicity_metrics`. Cells finished by a version
+      without these get them from their saved continuations when the sweep is resumed;
     * ``ppl_unsteered`` — perplexity of the continuations given their prompts under the
       unsteered model (fluency);
     * ``ppl_other`` — the same under ``ppl_model``, a different (larger) model, when given
@@ -198,7 +201,7 @@ def toxicity_sweep(
         progress, quiet: progress bars; suppress the printed table.
 
     Returns:
-        Per-cell rows ``{method, strength, seed, toxic_share, ppl_unsteered, [ppl_other,]
+        Per-cell rows ``{method, strength, seed, toxic_share, [toxic_share_bal, toxic_score,] ppl_unsteered, [ppl_other,]
         clean_ppl, capability, capability_norm, elapsed_s}``.
     """
     check_grid(methods, strengths, seeds)
@@ -249,6 +252,23 @@ def toxicity_sweep(
     fixed: dict[tuple[str, float], dict[str, float]] = {}  # seed-independent metrics per (method, λ)
     (out / "continuations").mkdir(exist_ok=True)
 
+    def continuations(cell: dict[str, Any]) -> Path:
+        return out / "continuations" / f"{cell['method']}_l{cell['strength']:g}_s{cell['seed']}.jsonl"
+
+    def judge_saved(cell: dict[str, Any], metrics: dict[str, float]) -> dict[str, float] | None:
+        """Judge metrics of a cell finished without them (by an older version), from its saved texts."""
+        if "toxic_score" in metrics or not hasattr(judge, "score"):
+            return None
+        try:
+            recs = [json.loads(x) for x in continuations(cell).read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (OSError, json.JSONDecodeError):
+            return None
+        if [r.get("prompt") for r in recs] != list(prompts):
+            return None
+        return toxicity_metrics(judge, [r["continuation"] for r in recs])
+
+    amend_cells(out, config, judge_saved)
+
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
         label = f"{method} λ={lam:g} seed {seed}"  # inner bars: a cell of a 270M model takes minutes on CPU
@@ -258,13 +278,13 @@ def toxicity_sweep(
                 nll = continuation_nll(model, tokenizer, [""] * len(clean_texts), clean_texts, batch_size=batch_size, progress=progress, desc=f"{label}: clean PPL")
                 mc = mc_scores(model, tokenizer, capability_pairs, batch_size=batch_size, progress=progress)
                 fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
-        row = {"toxic_share": toxic_share(judge, conts)}
+        row = toxicity_metrics(judge, conts)
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
             other, other_tok, _ = ppl_model
             row["ppl_other"] = perplexity(continuation_nll(other, other_tok, prompts, conts, batch_size=batch_size, progress=progress, desc=f"{label}: PPL under {ppl_model[2]}"))
         lines = [json.dumps({"prompt": p, "continuation": c}, ensure_ascii=False) + "\n" for p, c in zip(prompts, conts)]
-        write_text_atomic(out / "continuations" / f"{method}_l{lam:g}_s{seed}.jsonl", "".join(lines))
+        write_text_atomic(continuations(cell), "".join(lines))
         return {**row, **fixed[(method, lam)]}
 
     cells = make_cells(methods, strengths, seeds, shared_zero=True)
