@@ -322,6 +322,13 @@ def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_pat
     n_lines = len((tmp_path / sw.CELLS_FILE).read_text().splitlines())
     tasks.toxicity_sweep(llama, tok, tmp_path, judge=judge, **kw)
     assert len((tmp_path / sw.CELLS_FILE).read_text().splitlines()) == n_lines  # filled once
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    tasks.toxicity_sweep(llama, tok, other, judge=StubJudge(), **kw)
+    (other / "continuations" / "linear_l1_s0.jsonl").unlink()
+    with pytest.warns(UserWarning, match="linear_l1_s0.jsonl is missing"):
+        rows = tasks.toxicity_sweep(llama, tok, other, judge=judge, **kw)
+    assert "toxic_score" in rows[0] and "toxic_score" not in rows[1]
 
 
 def test_select_strength_rule():

@@ -161,8 +161,9 @@ def amend_cells(
     """Adds or replaces metrics of finished cells (e.g. a metric a later version computes).
 
     ``amend(cell, metrics)`` gets each finished cell of ``config`` (``{method, strength,
-    seed}``) with its metrics and returns the metrics to merge into it, or None to leave it. Amended cells are appended as new
-    records (the last record of a key wins), so ``cells.jsonl`` stays append-only.
+    seed}``) with its metrics and returns the metrics to merge into it, or None to leave it.
+    Amended cells are appended as new records (the last record of a key wins), so
+    ``cells.jsonl`` stays append-only.
 
     Returns:
         How many cells were amended.
@@ -268,8 +269,8 @@ def run_sweep(
     order = {m: i for i, m in enumerate(dict.fromkeys([UNSTEERED] + [r["method"] for r in every]))}
     results = write_results(out, config, sorted(every, key=lambda r: (order[r["method"]], r["strength"], r["seed"])))
     if plots:
-        for metric in metric_names(rows):
-            if len({r.get(metric) for r in rows}) > 1:  # a constant (e.g. a count) needs no plot
+        for metric in metric_names(every):
+            if len({r.get(metric) for r in every}) > 1:  # a constant (e.g. a count) needs no plot
                 plot_sweep(results, metric, out / f"{metric}.png")
     if not quiet:
         print(markdown_table(results))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -261,11 +262,13 @@ def toxicity_sweep(
             return None
         try:
             recs = [json.loads(x) for x in continuations(cell).read_text(encoding="utf-8").splitlines() if x.strip()]
-        except (OSError, json.JSONDecodeError):
-            return None
-        if [r.get("prompt") for r in recs] != list(prompts):
-            return None
-        return toxicity_metrics(judge, [r["continuation"] for r in recs])
+            if [r["prompt"] for r in recs] == list(prompts):
+                return toxicity_metrics(judge, [r["continuation"] for r in recs])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            pass
+        warnings.warn(f"{continuations(cell)} is missing or does not match the prompts: the cell keeps its old judge "
+                      f"metrics only (rerun with --restart for all of them)", stacklevel=2)
+        return None
 
     amend_cells(out, config, judge_saved)
 
