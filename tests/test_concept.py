@@ -188,7 +188,8 @@ def test_concept_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     by = {(r["method"], r["strength"], r["seed"]): r for r in rows}
     assert by[("linear:football", 0.0, 1)]["ppl"] == by[("mean:cloud", 0.0, 1)]["ppl"]  # same unsteered generations
     assert by[("linear:football", 2.0, 0)]["similarity"] != by[("linear:football", 0.0, 0)]["similarity"]
-    for name in ("results.json", "results.csv", "summary.csv", "concepts.json", "concepts.md", "data.json", "concept_share.png"):
+    for name in ("results.json", "results.csv", "summary.csv", "concepts.json", "concepts.md", "data.json", "concept_share.png",
+                 "concepts_concept_share.png", "concepts_ppl.png"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "maps" / "cloud" / "mean" / "transport_config.json").is_file()
     cell = [json.loads(x) for x in (tmp_path / "generations" / "mean_cloud_l2_s1.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ from ..generation import Sampling, continuation_nll, generate, perplexity
 from ..fit import parse_support
 from ..hooks import check_strength, match_modules, steer
 from ..maps import TransportMap
-from .sweep import aggregate, config_hash, make_cells, prepare, run_sweep, strengths_per_method
+from .sweep import aggregate, config_hash, make_cells, plot_sweep, prepare, run_sweep, strengths_per_method
 from .concept_data import (
     CONCEPT_NAMES, CONCEPT_PROMPTS, CONCEPTS, DATA_SAMPLING, GENERATOR, GENERIC_PROMPT, GENERIC_TOPICS, Concept,
     _keyword_re, concept_sentences, generic_sentences, get_concept, has_keyword,
@@ -267,7 +267,8 @@ def concept_sweep(
     (``generations/unsteered_s<seed>_<hash>.jsonl``) and only re-judged per concept; every
     cell's judged generations go to ``generations/<method>_<concept>_l<λ>_s<seed>.jsonl``.
     ``concepts.json`` / ``concepts.md`` hold the means over concepts per (method, λ) and the
-    judge's calibration per concept; ``data.json`` the sentence splits.
+    judge's calibration per concept; ``concepts_concept_share.png`` / ``concepts_ppl.png`` plot
+    them per method (band: 25–75% over concepts and seeds); ``data.json`` the sentence splits.
 
     Args:
         model, tokenizer: the causal LM to steer.
@@ -398,6 +399,9 @@ def concept_sweep(
     summary = summarize_concepts(rows, calib)
     write_text_atomic(out / "concepts.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     write_text_atomic(out / "concepts.md", concepts_markdown(summary) + "\n")
+    per_method = [{**r, "method": r["method"].split(":", 1)[0]} for r in rows]  # all concepts and seeds pooled
+    for metric in ("concept_share", "ppl"):
+        plot_sweep(per_method, metric, out / f"concepts_{metric}.png", log=metric == "ppl")
     if not quiet:
         print(concepts_markdown(summary))
     return rows

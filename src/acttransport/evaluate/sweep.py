@@ -380,15 +380,17 @@ def markdown_table(results: dict[str, Any], metrics: Sequence[str] | None = None
     return "\n".join(lines)
 
 
-def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, path: str | os.PathLike) -> Path:
+def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, path: str | os.PathLike, log: bool = False) -> Path:
     """Plots ``metric`` vs λ, one line per method (mean over seeds) with a band over seeds.
 
-    The band spans min–max over seeds, or the 25–75% quantiles with 4 or more seeds.
+    The band spans min–max over seeds, or the 25–75% quantiles with 4 or more seeds (rows
+    repeating a (method, λ, seed), e.g. one per concept, all count).
 
     Args:
         results: a results dict (from ``results.json``) or its list of per-cell rows.
         metric: a metric name present in the rows.
         path: the PNG to write.
+        log: logarithmic y axis (perplexities that explode at large λ).
 
     Raises:
         ConfigError: ``metric`` is not in the rows.
@@ -422,6 +424,8 @@ def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, 
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("strength λ")
         ax.set_ylabel(metric)
+        if log:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
