@@ -263,11 +263,9 @@ def run_sweep(
     for k, rec in read_cells(out / CELLS_FILE, chash).items():  # cells another process added meanwhile
         done.setdefault(k, rec)
     rows = [_row(done[k]) for k in keys]
-    # results cover every finished cell here, so a sweep grown in steps stays whole; the unsteered
-    # cells first, then methods in first-seen order, each by λ and seed
+    # results cover every finished cell here (this grid's first), so a sweep grown in steps stays whole
     every = rows + [_row(rec) for k, rec in done.items() if k not in set(keys)]
-    order = {m: i for i, m in enumerate(dict.fromkeys([UNSTEERED] + [r["method"] for r in every]))}
-    results = write_results(out, config, sorted(every, key=lambda r: (order[r["method"]], r["strength"], r["seed"])))
+    results = write_results(out, config, every)
     if plots:
         for metric in metric_names(every):
             if len({r.get(metric) for r in every}) > 1:  # a constant (e.g. a count) needs no plot
@@ -323,8 +321,15 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def build_results(config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The results dict: version, config and its hash, grid, metrics, rows, aggregates."""
+    """The results dict: version, config and its hash, grid, metrics, rows, aggregates.
+
+    Rows are ordered: the unsteered cells first, then methods in first-seen order, each by λ
+    and seed (a sweep grown in steps reads like one run).
+    """
     from .. import __version__
+
+    order = {m: i for i, m in enumerate(dict.fromkeys([UNSTEERED] + [r["method"] for r in rows]))}
+    rows = sorted(rows, key=lambda r: (order[r["method"]], r["strength"], r["seed"]))
 
     return {
         "version": __version__,
