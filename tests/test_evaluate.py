@@ -170,7 +170,8 @@ def test_sweep_grown_in_steps_keeps_every_cell_in_results(tmp_path):
     keys = [(r["method"], r["strength"], r["seed"]) for r in saved["rows"]]
     assert keys == [("none", 0.0, 0), ("none", 0.0, 1), ("b", 0.5, 0), ("b", 0.5, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("c", 2.0, 0)]
     assert saved["grid"]["methods"] == ["none", "b", "a", "c"] and len(saved["aggregates"]) == 4
-    assert [(r["method"], r["strength"], r["seed"]) for r in sw.read_partial(tmp_path)["rows"]] == keys  # file order differs
+    partial = [(r["method"], r["strength"], r["seed"]) for r in sw.read_partial(tmp_path)["rows"]]  # methods in file order
+    assert partial == [("none", 0.0, 0), ("none", 0.0, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("c", 2.0, 0), ("b", 0.5, 0), ("b", 0.5, 1)]
 
 
 def test_sweep_ignores_torn_last_line(tmp_path):
