@@ -2,9 +2,11 @@
 
 ``acttransport report DIR`` prints the table for the task the sweep ran:
 
-* toxicity — toxic share (mean ± std over seeds), its reduction factor against the unsteered
-  model, clean-text perplexity and its rise, continuation perplexities, capability; the λ the
-  paper's rule selects (lowest toxic share with clean-text perplexity rise < 1) is starred;
+* toxicity — toxic share (mean ± std over seeds; at the judge's balanced threshold where the
+  sweep recorded it, with the 0.5-threshold share and the mean probability beside it), its
+  reduction factor against the unsteered model, clean-text perplexity and its rise,
+  continuation perplexities, capability; the λ the paper's rule selects (lowest toxic share
+  with clean-text perplexity rise < 1) is starred;
 * truthfulness — MC1/MC2 and their per-token variants;
 * any other sweep — the generic mean ± std table of :func:`~.sweep.markdown_table`.
 """
