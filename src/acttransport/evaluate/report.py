@@ -114,7 +114,8 @@ def report(results: dict[str, Any]) -> str:
 
 
 def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, x: str = "clean_ppl", y: str = "toxic_share") -> Path:
-    """Scatter of ``y`` against ``x`` (means over seeds), one marker per method, λ annotated.
+    """Scatter of ``y`` against ``x`` (means over seeds), one marker per method, λ annotated;
+    a logarithmic x axis when ``x`` spans more than a factor 20.
 
     Raises:
         ConfigError: the results lack ``x`` or ``y``.
@@ -134,6 +135,9 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, x: str = "cl
             ax.plot(xs, ys, marker="os^vD<>ph*"[i % 10], linestyle="-" if len(pts) > 1 else "none", label=m)
             for a, xv, yv in zip(pts, xs, ys):
                 ax.annotate(f"{a['strength']:g}", (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xs = [a[f"{x}_mean"] for a in results["aggregates"] if (a.get(f"{x}_mean") or 0) > 0]
+        if xs and max(xs) > 20 * min(xs):  # one broken method (PPL in the thousands) would squash the rest
+            ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
