@@ -144,6 +144,12 @@ def toxic_share(judge: Judge, texts: Sequence[str]) -> float:
     return float(flags.mean())
 
 
+def scores_probabilities(judge: Judge) -> bool:
+    """Whether :func:`toxicity_metrics` can give ``judge`` its probability-based metrics: it has
+    ``score(texts)``, a ``threshold`` and a ``balanced_threshold``."""
+    return all(hasattr(judge, a) for a in ("score", "threshold", "balanced_threshold"))
+
+
 def toxicity_metrics(judge: Judge, texts: Sequence[str]) -> dict[str, float]:
     """The judge's metrics of a set of continuations.
 
@@ -155,7 +161,7 @@ def toxicity_metrics(judge: Judge, texts: Sequence[str]) -> dict[str, float]:
       either threshold.
     """
     texts = list(texts)
-    if not (texts and all(hasattr(judge, a) for a in ("score", "threshold", "balanced_threshold"))):
+    if not (texts and scores_probabilities(judge)):
         return {"toxic_share": toxic_share(judge, texts)}
     scores = np.asarray(judge.score(texts), dtype=np.float64).reshape(-1)  # type: ignore[attr-defined]
     if scores.size != len(texts):

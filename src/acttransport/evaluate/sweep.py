@@ -264,7 +264,8 @@ def run_sweep(
         done.setdefault(k, rec)
     rows = [_row(done[k]) for k in keys]
     # results cover every finished cell here (this grid's first), so a sweep grown in steps stays whole
-    every = rows + [_row(rec) for k, rec in done.items() if k not in set(keys)]
+    grid = set(keys)
+    every = rows + [_row(rec) for k, rec in done.items() if k not in grid]
     results = write_results(out, config, every)
     if plots:
         for metric in metric_names(every):

@@ -23,7 +23,7 @@ from ..generation import Sampling, continuation_nll, corpus_perplexity, generate
 from .._io import write_text_atomic
 from ..maps import TransportMap
 from .common import MapCache, Strengths, check_grid, digest, steering
-from .metrics import Judge, mc_scores, toxicity_metrics
+from .metrics import Judge, mc_scores, scores_probabilities, toxicity_metrics
 from .sweep import amend_cells, make_cells, prepare, run_sweep
 
 TASKS = ("truthfulness", "toxicity", "concept")  # concept: see .concept
@@ -258,7 +258,7 @@ def toxicity_sweep(
 
     def judge_saved(cell: dict[str, Any], metrics: dict[str, float]) -> dict[str, float] | None:
         """Judge metrics of a cell finished without them (by an older version), from its saved texts."""
-        if "toxic_score" in metrics or not hasattr(judge, "score"):
+        if "toxic_score" in metrics or not scores_probabilities(judge):  # else it would re-amend on every resume
             return None
         try:
             recs = [json.loads(x) for x in continuations(cell).read_text(encoding="utf-8").splitlines() if x.strip()]
