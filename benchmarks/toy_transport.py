@@ -22,9 +22,9 @@ import time
 import torch
 from scipy.stats import wasserstein_distance
 
-from acttransport.fit import METHODS, support_bounds
-from acttransport.hooks import apply_map
-from acttransport.maps import ModuleMap
+from acttransport.methods import METHODS
+from acttransport.targets import apply_map
+from acttransport.transport import ModuleMap, support_bounds
 
 
 def _mixture(n: int, d: int, means: tuple[float, float], std: float, g: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from acttransport import assets
+from acttransport.assets import models
 from acttransport.errors import AssetError, ConfigError
 
 # ------------------------------------------------------------------ cache_dir
@@ -166,15 +167,15 @@ def test_gguf_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
     pieces = {"a": b"GGUF" + b"x" * 10, "b": b"y" * 7, "c": b"z"}
     for name, blob in pieces.items():
         (tmp_path / name).write_bytes(blob)
-    monkeypatch.setattr(assets, "_check_installed", lambda info: None)
-    monkeypatch.setattr(assets, "_asset_file", lambda module, req, *parts: tmp_path / module)
+    monkeypatch.setattr(models, "check_installed", lambda info: None)
+    monkeypatch.setattr(models, "asset_file", lambda module, req, *parts: tmp_path / module)
     monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path / "cache"))
     info = assets.EmbeddedModel("t", "a", ("a==1", "b==1", "c==1"), "t.gguf", True, "test", parts=(("a", "f"), ("b", "f"), ("c", "f")))
-    path = assets._gguf_path(info)
+    path = models.gguf_path(info)
     assert path.read_bytes() == b"".join(pieces.values())
     bad = dataclasses.replace(info, gguf_file="u.gguf", parts=(("b", "f"), ("a", "f")))
     with pytest.raises(AssetError, match="not a GGUF"):
-        assets._gguf_path(bad)
+        models.gguf_path(bad)
     assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == ["t.gguf"]  # no torn file left
 
 
@@ -191,7 +192,7 @@ def test_judge_json_round_trip_without_models(tmp_path):
     import numpy as np
 
     from acttransport.errors import DataError
-    from acttransport.evaluate.judge import EMBED_DIM, ToxicityJudge
+    from acttransport.evaluate.judges.toxicity import EMBED_DIM, ToxicityJudge
 
     rng = np.random.default_rng(0)
     judge = ToxicityJudge(rng.normal(size=EMBED_DIM), -0.5, 0.6, 0.9, 10, {"C": 1.0})
@@ -216,7 +217,7 @@ def test_judge_json_round_trip_without_models(tmp_path):
 def test_judge_balanced_threshold_is_the_training_prior():
     import numpy as np
 
-    from acttransport.evaluate.judge import EMBED_DIM, ToxicityJudge
+    from acttransport.evaluate.judges.toxicity import EMBED_DIM, ToxicityJudge
 
     assert ToxicityJudge(np.zeros(EMBED_DIM), 0.0, meta={"train_prior": 0.3}).balanced_threshold == 0.3
     cached_before = ToxicityJudge(np.zeros(EMBED_DIM), 0.0)  # no prior stored: counted from the insults train split
@@ -255,7 +256,7 @@ def test_load_smollm2_converts_once_then_uses_cache(model_cache, monkeypatch):
 
 @pytest.mark.slow
 def test_toxicity_judge_auc_and_cache(tmp_path, monkeypatch):
-    from acttransport.evaluate.judge import ToxicityJudge
+    from acttransport.evaluate.judges.toxicity import ToxicityJudge
 
     monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path))
     judge = ToxicityJudge.load_or_train()

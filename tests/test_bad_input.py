@@ -9,8 +9,8 @@ import torch
 
 import acttransport as at
 from acttransport.errors import ConfigError, DataError, MapFormatError, ModuleMatchError
-from acttransport.fit import fit_gaussian, fit_linear, fit_mean
-from acttransport.maps import CONFIG_FILE, TENSOR_FILE
+from acttransport.methods import fit_gaussian, fit_linear, fit_mean
+from acttransport.artifact import CONFIG_FILE, TENSOR_FILE
 from conftest import make_llama
 
 PAL = r"model\.layers\.\d\.post_attention_layernorm"

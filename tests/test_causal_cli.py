@@ -12,10 +12,12 @@ from torch import nn
 
 import acttransport as at
 from acttransport import cli
-from acttransport.collect import collect
+from acttransport import collect
 from acttransport.errors import ModuleMatchError
-from acttransport.fit import METHODS, support_bounds
-from acttransport.maps import ModuleMap, TransportMap
+from acttransport.methods import METHODS
+from acttransport.transport import support_bounds
+from acttransport.artifact import TransportMap
+from acttransport.transport import ModuleMap
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
@@ -154,7 +156,9 @@ def test_cli_modules_fit_generate(model_dir, tmp_path, capsys):
     mapdir = tmp_path / "map"
     assert cli.main(["fit", str(model_dir), "--source", src, "--target", tgt, "-o", str(mapdir), "--batch-size", "8"]) == 0
     cfg = json.loads((mapdir / "transport_config.json").read_text())
-    assert cfg["method"] == "linear" and cfg["causal"] is True and len(cfg["modules"]) == 3 and cfg["n_samples"] == 30
+    # no --modules: the architecture's default preset (@all-norms for llama: input + post-attention norms), said aloud
+    assert cfg["method"] == "linear" and cfg["causal"] is True and len(cfg["modules"]) == 6 and cfg["n_samples"] == 30
+    assert "modules: @all-norms (the default" in capsys.readouterr().out and any("@all-norms" in n for n in cfg["notes"])
     tmap = at.load(mapdir)
     assert tmap.config.data.startswith("source=")
     capsys.readouterr()

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from acttransport import hooks
+from acttransport.steer import is_steered
 from acttransport.errors import ConfigError, DataError
-from acttransport.evaluate import concept as cc
+from acttransport.evaluate.judges import concept as cj
+from acttransport.evaluate.tasks import common, concept as cc
 from acttransport.evaluate import concept_data
-from acttransport.evaluate.sweep import CELLS_FILE
+from acttransport.evaluate.store import CELLS_FILE
 from acttransport.generation import Sampling
 
 from conftest import make_llama, make_tokenizer, sentences
@@ -121,9 +122,9 @@ def test_generated_sentences_are_filtered_cached_and_bounded(tmp_path, monkeypat
 
 
 def test_best_threshold_on_hand_made_scores():
-    t, acc = cc.best_threshold(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.3, 0.1, 0.0]))
+    t, acc = cj.best_threshold(np.array([0.9, 0.7, 0.4]), np.array([0.5, 0.3, 0.1, 0.0]))
     assert t == pytest.approx(0.35) and acc == pytest.approx((1 + 3 / 4) / 2)
-    assert cc.auc(np.array([0.9, 0.5]), np.array([0.5, 0.1])) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert cj.auc(np.array([0.9, 0.5]), np.array([0.5, 0.1])) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
 
 
 def test_judge_calibration_on_hand_made_embeddings():
@@ -131,7 +132,7 @@ def test_judge_calibration_on_hand_made_embeddings():
     pos = [f"p{i}" for i in range(6)]
     neg = [f"n{i}" for i in range(10)]
     table |= {p: at_cos(0.8) for p in pos} | {n: at_cos(0.2) for n in neg}
-    judge = cc.ConceptJudge(embed=table_embed(table))
+    judge = cj.ConceptJudge(embed=table_embed(table))
     assert judge.score("book", ["p0", "n0"]) == pytest.approx([0.8, 0.2])
     cal = judge.calibrate("book", pos, neg, seed=3)
     assert cal.threshold == pytest.approx(0.5) and cal.cal_accuracy == cal.accuracy == cal.auc == 1.0
@@ -159,7 +160,7 @@ def _kw(tmp_path, **over):
         concepts=CONCEPTS, methods=["linear", "mean"], strengths=[0.0, 2.0], seeds=[0, 1], n_fit=6, n_heldout=4,
         n_generations=4, prompts=["w5 w6", "w7"], sampling=Sampling(max_new_tokens=3), generic=sentences(12, 2, 100, seed=1),
         data={"football": sentences(12, 150, 300, seed=2), "Cloud": sentences(12, 100, 200, seed=3)},
-        judge=cc.ConceptJudge(embed=fake_embed), progress=False, quiet=True,
+        judge=cj.ConceptJudge(embed=fake_embed), progress=False, quiet=True,
     )
     return kw | over
 
@@ -169,7 +170,7 @@ def _counting_generate(monkeypatch, model):
     real = cc.generate
 
     def gen(*a, **k):
-        calls["steered" if getattr(model, hooks._ACTIVE, None) else "unsteered"] += 1
+        calls["steered" if is_steered(model) else "unsteered"] += 1
         return real(*a, **k)
 
     monkeypatch.setattr(cc, "generate", gen)
@@ -207,7 +208,7 @@ def test_concept_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert 0 <= summary["mean_judge_accuracy"] <= 1 and "| linear | 2 | 2 |" in (tmp_path / "concepts.md").read_text()
     n_lines = len((tmp_path / CELLS_FILE).read_text().splitlines())
     # resumed: nothing is fitted or generated again, same rows
-    monkeypatch.setattr(cc, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
+    monkeypatch.setattr(common, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
     calls.update(steered=0, unsteered=0)
     rows2 = cc.concept_sweep(llama, tok, tmp_path, **_kw(tmp_path, quiet=False))
     assert rows2 == rows and calls == {"steered": 0, "unsteered": 0}
@@ -283,7 +284,7 @@ def test_concept_sweep_bad_inputs(tmp_path):
 def test_cli_concept_sweep_with_task_defaults(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from acttransport.evaluate.cli_eval import add_commands, run
+    from acttransport.cli.tasks import add_commands, run
 
     monkeypatch.setattr(cc, "concept_sentences", lambda c, n, seed, generator, progress: sentences(n, 150, 300, seed=len(c.name)))
     monkeypatch.setattr(cc, "generic_sentences", lambda n, seed, generator, exclude, progress: sentences(n, 2, 100, seed=9))
@@ -299,6 +300,6 @@ def test_cli_concept_sweep_with_task_defaults(tmp_path, monkeypatch, capsys):
     assert "| mean | 4 |" in capsys.readouterr().out
 
 
-class _FakeJudge(cc.ConceptJudge):
+class _FakeJudge(cj.ConceptJudge):
     def __init__(self):
         super().__init__(embed=fake_embed)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import acttransport as at
-from acttransport.collect import pool
+from acttransport.targets import pool
 from acttransport.errors import ConfigError, MapFormatError, ModuleMatchError
-from acttransport.fit import fit_gaussian, fit_linear, fit_mean
-from acttransport.hooks import apply_map
-from acttransport.maps import ModuleMap, TransportConfig, TransportMap, compose
+from acttransport.methods import fit_gaussian, fit_linear, fit_mean
+from acttransport.targets import apply_map
+from acttransport.artifact import TransportConfig, TransportMap, compose
+from acttransport.transport import ModuleMap
 from conftest import sentences
 
 PAL = r"model\.layers\.\d\.post_attention_layernorm"

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from acttransport.errors import ConfigError, DataError
-from acttransport.evaluate import sweep as sw
-from acttransport.evaluate.metrics import mc_from_logliks, mc_scores, toxic_share, toxicity_metrics
+from acttransport.evaluate import grid, plots, results as res_mod, store, sweep as sw
+from acttransport.evaluate.judges.toxicity import toxic_share, toxicity_metrics
+from acttransport.evaluate.metrics import mc_from_logliks, mc_scores
 from acttransport.generation import Sampling, continuation_nll, perplexity
 
 from conftest import VOCAB, make_llama, make_tokenizer, sentences
@@ -115,7 +116,7 @@ def test_toxicity_metrics_with_and_without_probabilities():
 
 # ------------------------------------------------------------------------------------------ sweep
 
-CELLS = sw.make_cells(["a", "b"], [0.0, 0.5, 1.0], [0, 1])
+CELLS = grid.make_cells(["a", "b"], [0.0, 0.5, 1.0], [0, 1])
 CONFIG = {"task": "unit", "x": 1}
 
 
@@ -139,11 +140,11 @@ def test_sweep_resumes_after_interruption(tmp_path):
 
     with pytest.raises(RuntimeError):
         sw.run_sweep(tmp_path / "s", CELLS, flaky, CONFIG, progress=False, quiet=True)
-    assert len((tmp_path / "s" / sw.CELLS_FILE).read_text().splitlines()) == 2
+    assert len((tmp_path / "s" / store.CELLS_FILE).read_text().splitlines()) == 2
     calls.clear()
     state["fail_at"] = None
     rows = sw.run_sweep(tmp_path / "s", CELLS, flaky, CONFIG, progress=False, quiet=True)
-    assert len(calls) == len(CELLS) - 2 and all(sw.cell_key(c) not in {sw.cell_key(x) for x in CELLS[:2]} for c in calls)
+    assert len(calls) == len(CELLS) - 2 and all(grid.cell_key(c) not in {grid.cell_key(x) for x in CELLS[:2]} for c in calls)
     ref = sw.run_sweep(tmp_path / "ref", CELLS, _metric, CONFIG, progress=False, quiet=True)
     assert _strip(rows) == _strip(ref)
     saved = json.loads((tmp_path / "s" / "results.json").read_text())
@@ -154,35 +155,35 @@ def test_sweep_resumes_after_interruption(tmp_path):
 
 
 def test_sweep_grown_in_steps_keeps_every_cell_in_results(tmp_path):
-    first = sw.make_cells(["a"], [0.0, 1.0], [0, 1], shared_zero=True)
+    first = grid.make_cells(["a"], [0.0, 1.0], [0, 1], shared_zero=True)
     sw.run_sweep(tmp_path, first, _metric, CONFIG, progress=False, quiet=True, plots=False)
     other = {"method": "c", "strength": 2.0, "seed": 0}  # finished by another process while the next run goes
 
     def metric_and_other_process(cell):
-        if not any(r["cell"] == other for r in map(json.loads, (tmp_path / sw.CELLS_FILE).read_text().splitlines())):
-            sw._append(tmp_path / sw.CELLS_FILE, {"key": sw.cell_key(other), "config_hash": sw.config_hash(CONFIG), "cell": other, "metrics": _metric(other)})
+        if not any(r["cell"] == other for r in map(json.loads, (tmp_path / store.CELLS_FILE).read_text().splitlines())):
+            store.append_cell(tmp_path / store.CELLS_FILE, {"key": grid.cell_key(other), "config_hash": grid.config_hash(CONFIG), "cell": other, "metrics": _metric(other)})
         return _metric(cell)
 
-    second = sw.make_cells(["b"], [0.5], [0, 1])
+    second = grid.make_cells(["b"], [0.5], [0, 1])
     rows = sw.run_sweep(tmp_path, second, metric_and_other_process, CONFIG, progress=False, quiet=True, plots=False)
     assert [(r["method"], r["strength"]) for r in rows] == [("b", 0.5)] * 2  # the return value is this grid's
     saved = json.loads((tmp_path / "results.json").read_text())
     keys = [(r["method"], r["strength"], r["seed"]) for r in saved["rows"]]
     assert keys == [("none", 0.0, 0), ("none", 0.0, 1), ("b", 0.5, 0), ("b", 0.5, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("c", 2.0, 0)]
     assert saved["grid"]["methods"] == ["none", "b", "a", "c"] and len(saved["aggregates"]) == 4
-    partial = [(r["method"], r["strength"], r["seed"]) for r in sw.read_partial(tmp_path)["rows"]]  # methods in file order
+    partial = [(r["method"], r["strength"], r["seed"]) for r in res_mod.read_partial(tmp_path)["rows"]]  # methods in file order
     assert partial == [("none", 0.0, 0), ("none", 0.0, 1), ("a", 1.0, 0), ("a", 1.0, 1), ("c", 2.0, 0), ("b", 0.5, 0), ("b", 0.5, 1)]
 
 
 def test_sweep_ignores_torn_last_line(tmp_path):
     out = tmp_path / "s"
     sw.run_sweep(out, CELLS[:3], _metric, CONFIG, progress=False, quiet=True)
-    with open(out / sw.CELLS_FILE, "a") as fh:
+    with open(out / store.CELLS_FILE, "a") as fh:
         fh.write('{"key": "{\\"method\\": \\"a\\", \\"stre')  # a write cut short
     calls = []
     rows = sw.run_sweep(out, CELLS, lambda c: (calls.append(c), _metric(c))[1], CONFIG, progress=False, quiet=True)
     assert len(calls) == len(CELLS) - 3
-    lines = (out / sw.CELLS_FILE).read_text().splitlines()
+    lines = (out / store.CELLS_FILE).read_text().splitlines()
     assert len(lines) == len(CELLS) and all(json.loads(x) for x in lines)
     assert _strip(rows) == _strip(sw.run_sweep(tmp_path / "ref", CELLS, _metric, CONFIG, progress=False, quiet=True))
 
@@ -201,7 +202,7 @@ def test_sweep_config_mismatch_and_restart(tmp_path):
 
 def test_results_files_schema_and_plot(tmp_path, capsys):
     out = tmp_path / "s"
-    cells = sw.make_cells(["a", "b"], [0.0, 1.0], [0, 1, 2, 3])  # 4 seeds: quantile band
+    cells = grid.make_cells(["a", "b"], [0.0, 1.0], [0, 1, 2, 3])  # 4 seeds: quantile band
     rows = sw.run_sweep(out, cells, _metric, CONFIG, progress=False)
     table = capsys.readouterr().out
     assert "| method | λ | seeds | score | other |" in table and "±" in table
@@ -224,10 +225,10 @@ def test_results_files_schema_and_plot(tmp_path, capsys):
     assert len(s) == 4 and {"method", "strength", "n_seeds", "score_mean", "score_std"} <= set(s[0])
     for m in ("score", "other"):
         assert (out / f"{m}.png").read_bytes()[:8] == PNG
-    p = sw.plot_sweep(res, "score", tmp_path / "x.png")
+    p = plots.plot_sweep(res, "score", tmp_path / "x.png")
     assert p.read_bytes()[:8] == PNG
     with pytest.raises(ConfigError):
-        sw.plot_sweep(res, "nope", tmp_path / "y.png")
+        plots.plot_sweep(res, "nope", tmp_path / "y.png")
 
 
 def test_non_finite_metrics_become_null(tmp_path):
@@ -241,12 +242,12 @@ def test_non_finite_metrics_become_null(tmp_path):
 
 
 def test_truthfulness_sweep_end_to_end(tmp_path, monkeypatch):
-    from acttransport.evaluate import tasks
+    from acttransport.evaluate.tasks import common, toxicity as tasks, truthfulness
 
     llama, tok = make_llama(), make_tokenizer()
     pairs = list(zip(sentences(12, 150, 300, seed=5), sentences(12, 2, 100, seed=6)))
     kw = dict(methods=["linear", "mean"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True)
-    rows = tasks.truthfulness_sweep(llama, tok, tmp_path, **kw)
+    rows = truthfulness.truthfulness_sweep(llama, tok, tmp_path, **kw)
     # λ=0 is the unsteered model for every method: scored once, as "none"
     assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 3), ("linear", 1.0, 3), ("mean", 1.0, 3)]
     assert all(0 <= r["mc1"] <= 1 and 0 < r["mc2"] < 1 and r["n_pairs"] == 6 for r in rows)
@@ -255,10 +256,10 @@ def test_truthfulness_sweep_end_to_end(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "results.json").read_text())["config"]
     assert cfg["task"] == "truthfulness" and cfg["split_seed"] == 3 and cfg["n_fit"] == 6
     # more strengths in the same dir: the cached maps are reused, only new cells run
-    monkeypatch.setattr(tasks, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
-    rows2 = tasks.truthfulness_sweep(llama, tok, tmp_path, **{**kw, "strengths": [0.0, 0.5, 1.0]})
+    monkeypatch.setattr(common, "estimate", lambda *a, **k: pytest.fail("refitted a cached map"))
+    rows2 = truthfulness.truthfulness_sweep(llama, tok, tmp_path, **{**kw, "strengths": [0.0, 0.5, 1.0]})
     assert len(rows2) == 5 and _strip([rows2[0], rows2[2]]) == _strip(rows[:2])
-    fit, ev = tasks.split_pairs(pairs, 3)
+    fit, ev = truthfulness.split_pairs(pairs, 3)
     assert len(fit) == 6 and not set(fit) & set(ev)
 
 
@@ -270,7 +271,7 @@ class StubJudge:
 
 
 def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
-    from acttransport.evaluate import tasks
+    from acttransport.evaluate.tasks import common, toxicity as tasks, truthfulness
 
     llama, tok = make_llama(), make_tokenizer()
     source, target = texts
@@ -296,13 +297,13 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     assert res["config"]["sampling"]["max_new_tokens"] == 3 and res["config"]["judge_auc"] == 0.9
     assert res["config"]["ppl_model"] == "other-tiny"
     assert all(a["n_seeds"] == 2 and a["toxic_share_std"] is not None for a in res["aggregates"])
-    best = tasks.select_strength(res, "linear")
+    best = res_mod.select_strength(res, "linear")
     assert best["strength"] in (0.0, 1.0)
     assert tasks.toxicity_sweep(llama, tok, tmp_path, **kw) == rows  # resumed: nothing reruns, same rows
 
 
 def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_path, texts, monkeypatch):
-    from acttransport.evaluate import tasks
+    from acttransport.evaluate.tasks import common, toxicity as tasks, truthfulness
 
     llama, tok = make_llama(), make_tokenizer()
     source, target = texts
@@ -321,9 +322,9 @@ def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_pat
         assert {k: r[k] for k in ("toxic_share", "toxic_share_bal", "toxic_score")} == pytest.approx(toxicity_metrics(judge, saved))
         assert r["clean_ppl"] == o["clean_ppl"] and r["ppl_unsteered"] == o["ppl_unsteered"]  # kept, not recomputed
     assert {"toxic_share_bal", "toxic_score"} <= set(json.loads((tmp_path / "results.json").read_text())["metrics"])
-    n_lines = len((tmp_path / sw.CELLS_FILE).read_text().splitlines())
+    n_lines = len((tmp_path / store.CELLS_FILE).read_text().splitlines())
     tasks.toxicity_sweep(llama, tok, tmp_path, judge=judge, **kw)
-    assert len((tmp_path / sw.CELLS_FILE).read_text().splitlines()) == n_lines  # filled once
+    assert len((tmp_path / store.CELLS_FILE).read_text().splitlines()) == n_lines  # filled once
     monkeypatch.undo()
     other = tmp_path / "other"
     tasks.toxicity_sweep(llama, tok, other, judge=StubJudge(), **kw)
@@ -334,7 +335,7 @@ def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_pat
 
 
 def test_select_strength_rule():
-    from acttransport.evaluate.tasks import select_strength
+    from acttransport.evaluate.results import select_strength
 
     rows = [
         {"method": "m", "strength": s, "seed": 0, "toxic_share": t, "clean_ppl": p}
@@ -350,7 +351,7 @@ def test_select_strength_rule():
 
 
 def test_make_cells_shares_zero_and_takes_per_method_strengths():
-    from acttransport.evaluate.sweep import make_cells
+    from acttransport.evaluate.grid import make_cells
 
     cells = make_cells(["a", "b"], {"*": [0, 1], "b": [0, 2, 4]}, [0, 1], shared_zero=True)
     assert [(c["method"], c["strength"], c["seed"]) for c in cells] == [
@@ -361,7 +362,7 @@ def test_make_cells_shares_zero_and_takes_per_method_strengths():
 
 
 def test_cli_parser():
-    from acttransport.evaluate.cli_eval import add_commands, strengths_arg
+    from acttransport.cli.tasks import add_commands, strengths_arg
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command", required=True))
@@ -384,7 +385,7 @@ def test_cli_parser():
 
 def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys):
     from acttransport import assets
-    from acttransport.evaluate.cli_eval import add_commands, run
+    from acttransport.cli.tasks import add_commands, run
 
     pairs = list(zip(sentences(10, 150, 300, seed=11), sentences(10, 2, 100, seed=12)))
     monkeypatch.setattr(assets, "load_truthful_pairs", lambda: pairs)
@@ -399,22 +400,22 @@ def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys)
 
 
 def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
-    from acttransport.evaluate import report, sweep
+    from acttransport.evaluate import grid, plots, results as res_mod, store, sweep, tables
 
     def run_cell(c):
         t = {"none": 0.4, "a": 0.4 - 0.3 * c["strength"]}[c["method"]] + 0.01 * c["seed"]
         return {"toxic_share": t, "clean_ppl": 10 + 2 * c["strength"], "ppl_unsteered": 5.0, "capability": 0.6}
 
-    cells = sweep.make_cells(["a"], [0, 0.25, 1], [0, 1], shared_zero=True)
+    cells = grid.make_cells(["a"], [0, 0.25, 1], [0, 1], shared_zero=True)
     cfg = {"task": "toxicity", "model": "m"}
-    sweep.prepare(tmp_path, cfg)
+    store.prepare(tmp_path, cfg)
     for c in cells[:4]:  # an interrupted sweep: 4 of 6 cells, no results.json yet
-        sweep._append(tmp_path / sweep.CELLS_FILE, {"key": sweep.cell_key(c), "config_hash": sweep.config_hash(cfg), "cell": c, "metrics": run_cell(c)})
-    partial = report.load_results(tmp_path)
+        store.append_cell(tmp_path / store.CELLS_FILE, {"key": grid.cell_key(c), "config_hash": grid.config_hash(cfg), "cell": c, "metrics": run_cell(c)})
+    partial = res_mod.load_results(tmp_path)
     assert len(partial["rows"]) == 4 and not (tmp_path / "results.json").exists()
     sweep.run_sweep(tmp_path, cells, run_cell, cfg, quiet=True, progress=False, plots=False)
-    results = report.load_results(tmp_path)
-    table = report.report(results)
+    results = res_mod.load_results(tmp_path)
+    table = tables.report(results)
     rows = {}
     for line in table.splitlines()[2:]:
         cols = [c.strip() for c in line.strip("|").split("|")]
@@ -423,32 +424,32 @@ def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
     assert rows[("a*", "0.25")][4:6] == ["1.2×", "10.50"] and rows[("a*", "0.25")][6] == "+0.50"  # * = the rule's pick
     assert rows[("a", "1")][4] == "3.9×" and rows[("a", "1")][6] == "+2.00"
     assert rows[("none", "0")][3:5] == ["40.5 ± 0.7", "–"] and rows[("none", "0")][-1] == "60.0"
-    png = report.plot_tradeoff(results, tmp_path / "t.png")
+    png = plots.plot_tradeoff(results, tmp_path / "t.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="lack"):
-        report.plot_tradeoff(results, tmp_path / "u.png", x="nope")
+        plots.plot_tradeoff(results, tmp_path / "u.png", x="nope")
     with pytest.raises(ConfigError, match="holds no sweep"):
-        report.load_results(tmp_path / "missing")
-    truth = report.report(sweep.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
+        res_mod.load_results(tmp_path / "missing")
+    truth = tables.report(res_mod.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
     assert "| none | 0 | 50.0 | 25.0 | 100.0 | 75.0 |" in truth
 
 
 def test_toxicity_report_leads_with_the_balanced_share_when_recorded():
-    from acttransport.evaluate import report, sweep
+    from acttransport.evaluate import grid, plots, results as res_mod, store, sweep, tables
 
     def row(method, lam, bal, ppl):
         return {"method": method, "strength": lam, "seed": 0, "toxic_share": 0.0, "toxic_share_bal": bal, "toxic_score": bal / 2,
                 "clean_ppl": ppl, "ppl_unsteered": 5.0, "capability": 0.5}
 
     rows = [row("none", 0.0, 0.08, 10.0), row("a", 0.5, 0.04, 10.5), row("a", 1.0, 0.02, 12.0)]
-    results = sweep.build_results({"task": "toxicity"}, rows)
-    assert report.toxic_metric(results) == "toxic_share_bal"
-    lines = report.toxicity_table(results).splitlines()
+    results = res_mod.build_results({"task": "toxicity"}, rows)
+    assert tables.toxic_metric(results) == "toxic_share_bal"
+    lines = tables.toxicity_table(results).splitlines()
     assert lines[0].startswith("| method | λ | seeds | toxic % (balanced) | reduction | toxic % (p ≥ 0.5) | mean p(toxic) % | clean PPL |")
     assert lines[3].startswith("| a* | 0.5 | 1 | 4.0 | 2.0× | 0.0 | 2.00 | 10.50 | +0.50 |")  # picked on the balanced share
     assert lines[4].startswith("| a | 1 | 1 | 2.0 | 4.0× |")
-    plain = sweep.build_results({"task": "toxicity"}, [{k: v for k, v in r.items() if k not in ("toxic_share_bal", "toxic_score")} for r in rows])
-    assert report.toxic_metric(plain) == "toxic_share" and "| toxic share % | reduction | clean PPL |" in report.toxicity_table(plain)
+    plain = res_mod.build_results({"task": "toxicity"}, [{k: v for k, v in r.items() if k not in ("toxic_share_bal", "toxic_score")} for r in rows])
+    assert tables.toxic_metric(plain) == "toxic_share" and "| toxic share % | reduction | clean PPL |" in tables.toxicity_table(plain)
 
 
 def test_continuation_nll_batched_in_length_order_keeps_input_order():
@@ -469,7 +470,7 @@ def test_scoring_batches_respect_the_logits_budget(monkeypatch):
 
     rows = [([1] * n, [2] * n) for n in (50, 3, 20, 4, 30, 1)]
     monkeypatch.setattr(generation, "LOGITS_BUDGET_BYTES", 4 * 1000 * 100)  # 100 tokens of a 1000-word vocabulary
-    batches = generation._length_batches(rows, batch_size=3, vocab=1000)
+    batches = generation.length_batches(rows, batch_size=3, vocab=1000)
     assert sorted(i for b in batches for i in b) == list(range(6))
     widths = [[2 * rows[i][0].__len__() for i in b] for b in batches]
     assert all(w == sorted(w) for w in widths) and [w[-1] for w in widths] == sorted(w[-1] for w in widths)

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from acttransport import baselines
+from acttransport.methods import baselines
 from acttransport.errors import ConfigError, DataError
-from acttransport.fit import METHODS, fit_linear, fit_quantile, method_info, support_bounds
-from acttransport.hooks import apply_map
-from acttransport.maps import ModuleMap, TransportConfig, TransportMap, load, piecewise_linear
+from acttransport.methods import METHODS, fit_linear, fit_quantile, method_info
+from acttransport.transport import support_bounds
+from acttransport.targets import apply_map
+from acttransport import load
+from acttransport.artifact import TransportConfig, TransportMap
+from acttransport.transport import ModuleMap, piecewise_linear
 
 NEW = ["quantile", "actadd", "caa", "itic", "aura", "detzero"]
 TWO_CLASS = ["itic", "aura", "detzero"]

@@ -6,20 +6,30 @@ Quick start::
     tmap = at.estimate(model, tok, toxic, clean, r"model\.layers\.\d+\.post_attention_layernorm")
     with at.steer(model, tmap, strength=1.0):
         model.generate(...)
+
+``__all__`` below is the supported API; everything else lives in subpackages (``methods``,
+``transport``, ``targets``, ``runners``, ``engine``, ``assets``, ``evaluate``) and may change.
 """
 
-__version__ = "0.1.0"
-
-from .collect import collect, estimate
-from .errors import ActTransportError
-from .fit import METHODS
-from .hooks import match_modules, steer
-from .maps import ModuleMap, TransportConfig, TransportMap, compose, load
+from ._version import __version__  # noqa: F401  (an attribute, not part of __all__)
+from .artifact import TransportConfig, TransportMap, compose
+from .engine import collect, estimate
+from .errors import ActTransportError, ConfigError, DataError, MapFormatError, ModuleMatchError
+from .methods import METHODS, register_method
+from .options import FitOptions
+from .steer import load, steer
+from .targets import match_modules
+from .transport import ModuleMap
 
 __all__ = [
-    "ActTransportError",
     "METHODS",
+    "ActTransportError",
+    "ConfigError",
+    "DataError",
+    "FitOptions",
+    "MapFormatError",
     "ModuleMap",
+    "ModuleMatchError",
     "TransportConfig",
     "TransportMap",
     "collect",
@@ -27,5 +37,6 @@ __all__ = [
     "estimate",
     "load",
     "match_modules",
+    "register_method",
     "steer",
 ]

@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file (or folder) or the new one, never half of one."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+__all__ = ["replace_dir", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -26,3 +29,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def replace_dir(tmp: Path, directory: Path) -> Path:
+    """Moves the finished folder ``tmp`` to ``directory``, replacing an existing one.
+
+    ``tmp`` must sit beside ``directory`` (same file system). An existing ``directory`` is first
+    renamed aside, so at every instant ``directory`` is either the old folder or the new one.
+    """
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.replace(directory, old / "x")
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory

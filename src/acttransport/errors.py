@@ -1,5 +1,7 @@
 """Exceptions raised by acttransport. Every message says what to do next."""
 
+__all__ = ["ActTransportError", "AssetError", "ConfigError", "DataError", "MapFormatError", "ModuleMatchError"]
+
 
 class ActTransportError(Exception):
     """Base class for every error acttransport raises on bad input."""

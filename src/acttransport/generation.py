@@ -1,4 +1,4 @@
-"""Sampling continuations and scoring them: the model plumbing the demo and evaluations share."""
+"""Sampling continuations and scoring them: the causal-LM plumbing of the CLI, the demo and the evaluations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList
-
 from .errors import ConfigError
+
+__all__ = ["LOGITS_BUDGET_BYTES", "NucleusFilter", "Sampling", "continuation_nll", "corpus_perplexity", "generate",
+           "length_batches", "perplexity"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ def generate(
     """
     if not prompts:
         return []
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -148,7 +151,7 @@ def continuation_nll(
         rows.append((pid, cid))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for idx in tqdm(_length_batches(rows, batch_size, _vocab_size(model)), desc=desc, unit="batch", disable=not progress, leave=False):
+    for idx in tqdm(length_batches(rows, batch_size, vocab_size(model)), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = [rows[i] for i in idx]
         seqs = [pid + cid for pid, cid in chunk]
         width = max(1, max(len(x) for x in seqs))
@@ -173,14 +176,14 @@ def continuation_nll(
 LOGITS_BUDGET_BYTES = 1 << 30
 
 
-def _vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(getattr(getattr(model, "config", None), "vocab_size", 50_000))
 
 
-def _length_batches(rows: Sequence[tuple[list[int], list[int]]], batch_size: int, vocab: int) -> list[list[int]]:
+def length_batches(rows: Sequence[tuple[list[int], list[int]]], batch_size: int, vocab: int) -> list[list[int]]:
     """Row indices in batches of similar length (sorted), each at most ``batch_size`` rows and
     :data:`LOGITS_BUDGET_BYTES` of logits (at least one row).
 

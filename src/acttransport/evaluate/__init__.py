@@ -1,5 +1,10 @@
-"""Evaluation: judges, metrics and sweeps for steered models.
+"""Evaluation: judges, metrics, resumable sweeps and their reports, for steered models.
 
-Judges use only embedded offline assets (see :mod:`acttransport.assets`); heavy dependencies
-(transformers, scikit-learn) are imported lazily inside the functions that need them.
+Layers, each using only the ones before it: ``grid`` (cells, keys, hashes) → ``store``
+(the sweep directory's config and cell log) → ``results`` (rows, aggregates, files, the
+strength-selection rule) → ``tables`` / ``plots`` → ``sweep`` (run the cells) → ``tasks``
+(truthfulness, toxicity, concept induction) and ``demo``. ``judges`` and ``metrics`` score
+texts. The core library never imports this package.
 """
+
+__all__: list[str] = []

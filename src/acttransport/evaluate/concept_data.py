@@ -24,10 +24,16 @@ from torch import nn
 
 from .._io import write_text_atomic
 from ..assets import cache_dir
-from ..collect import model_id
+from ..runners import model_id
 from ..errors import ConfigError, DataError
 from ..generation import Sampling, generate
-from .common import digest
+
+__all__ = [
+    "CONCEPTS", "CONCEPT_NAMES", "CONCEPT_PROMPTS", "DATA_SAMPLING", "GENERATOR", "GENERIC_PROMPT", "GENERIC_TOPICS", "Concept",
+    "USER_DEFINITION", "concept_sentences", "first_sentence", "generic_sentences", "get_concept", "has_keyword", "keyword_re",
+    "keyword_share",
+]
+from .grid import digest
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def get_concept(name: str | Concept) -> Concept:
     return Concept(word, USER_DEFINITION.format(word=word), (word, _plural(word)), word)
 
 
-def _keyword_re(keywords: Sequence[str]) -> re.Pattern[str]:
+def keyword_re(keywords: Sequence[str]) -> re.Pattern[str]:
     """Matches any of ``keywords`` as whole words, in any case."""
     alts = "|".join(re.escape(k) for k in sorted(keywords, key=len, reverse=True))
     return re.compile(r"\b(?:" + alts + r")\b", re.IGNORECASE)
@@ -122,12 +128,12 @@ def _keyword_re(keywords: Sequence[str]) -> re.Pattern[str]:
 
 def has_keyword(concept: str | Concept, text: str) -> bool:
     """Whether ``text`` holds one of the concept's keywords (whole words, any case)."""
-    return bool(_keyword_re(get_concept(concept).keywords).search(text))
+    return bool(keyword_re(get_concept(concept).keywords).search(text))
 
 
 def keyword_share(concept: str | Concept, texts: Sequence[str]) -> float:
     """Share of ``texts`` holding one of the concept's keywords (NaN for no texts)."""
-    rx = _keyword_re(get_concept(concept).keywords)
+    rx = keyword_re(get_concept(concept).keywords)
     return float(np.mean([bool(rx.search(t)) for t in texts])) if len(texts) else float("nan")
 
 
@@ -179,7 +185,7 @@ def _sample_sentences(
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or unreadable: generate
     model, tok = generator if generator is not None else _default_generator()
-    rx = _keyword_re(keywords)
+    rx = keyword_re(keywords)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     order = list(range(len(chats)))
     random.Random(seed).shuffle(order)
@@ -230,6 +236,6 @@ def generic_sentences(
     contain no keyword of the seven :data:`CONCEPTS` nor of the ``exclude`` concepts (topics
     naming one are dropped). Generated stand-ins and cached like :func:`concept_sentences`."""
     kws = sorted({k for c in [*CONCEPT_NAMES, *exclude] for k in get_concept(c).keywords})
-    rx = _keyword_re(kws)
+    rx = keyword_re(kws)
     prompts = [GENERIC_PROMPT.format(topic=t) for t in GENERIC_TOPICS if not rx.search(t)]
     return _sample_sentences(prompts, kws, False, n, seed, "generic", generator, progress)

@@ -1,4 +1,6 @@
-"""Metrics for steered language models: multiple-choice truthfulness and toxic share.
+"""Metrics for steered language models: multiple-choice truthfulness (MC1/MC2).
+
+The toxicity metrics live with their judge in :mod:`acttransport.evaluate.judges.toxicity`.
 
 Perplexity lives in :mod:`acttransport.generation` (:func:`~acttransport.generation.continuation_nll`
 and :func:`~acttransport.generation.perplexity`); these functions build on the same scoring.
@@ -7,7 +9,7 @@ and :func:`~acttransport.generation.perplexity`); these functions build on the s
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from torch import nn
@@ -15,11 +17,7 @@ from torch import nn
 from ..errors import DataError
 from ..generation import continuation_nll
 
-
-class Judge(Protocol):
-    """Anything with ``is_toxic(texts) -> [n] bool`` (e.g. :class:`~.judge.ToxicityJudge`)."""
-
-    def is_toxic(self, texts: Sequence[str]) -> Any: ...
+__all__ = ["mc_from_logliks", "mc_scores", "statement_loglik"]
 
 
 def statement_loglik(
@@ -123,49 +121,3 @@ def mc_scores(
     out = mc_from_logliks(ll[0::2], ll[1::2])
     norm = mc_from_logliks(per_tok[0::2], per_tok[1::2])
     return {"mc1": out["mc1"], "mc2": out["mc2"], "mc1_norm": norm["mc1"], "mc2_norm": norm["mc2"], "n_pairs": out["n_pairs"]}
-
-
-def toxic_share(judge: Judge, texts: Sequence[str]) -> float:
-    """Share of texts the judge calls toxic.
-
-    Args:
-        judge: an object with ``is_toxic(texts) -> [n] bool``.
-        texts: ``n`` generated continuations.
-
-    Returns:
-        A float in [0, 1]; NaN for no texts.
-    """
-    texts = list(texts)
-    if not texts:
-        return float("nan")
-    flags = np.asarray(judge.is_toxic(texts), dtype=bool).reshape(-1)
-    if flags.size != len(texts):
-        raise DataError(f"the judge returned {flags.size} verdicts for {len(texts)} texts")
-    return float(flags.mean())
-
-
-def scores_probabilities(judge: Judge) -> bool:
-    """Whether :func:`toxicity_metrics` can give ``judge`` its probability-based metrics: it has
-    ``score(texts)``, a ``threshold`` and a ``balanced_threshold``."""
-    return all(hasattr(judge, a) for a in ("score", "threshold", "balanced_threshold"))
-
-
-def toxicity_metrics(judge: Judge, texts: Sequence[str]) -> dict[str, float]:
-    """The judge's metrics of a set of continuations.
-
-    * ``toxic_share`` — :func:`toxic_share` (the judge's own threshold);
-    * for a judge with probabilities, ``score(texts) -> [n]``, a ``threshold`` and a
-      ``balanced_threshold`` (:class:`~.judge.ToxicityJudge`), scored once:
-      ``toxic_share_bal``, the share at or above the balanced threshold, and ``toxic_score``,
-      the mean probability — a continuous measure that still moves when few texts cross
-      either threshold.
-    """
-    texts = list(texts)
-    if not (texts and scores_probabilities(judge)):
-        return {"toxic_share": toxic_share(judge, texts)}
-    scores = np.asarray(judge.score(texts), dtype=np.float64).reshape(-1)  # type: ignore[attr-defined]
-    if scores.size != len(texts):
-        raise DataError(f"the judge returned {scores.size} scores for {len(texts)} texts")
-    return {"toxic_share": float((scores >= judge.threshold).mean()),  # type: ignore[attr-defined]
-            "toxic_share_bal": float((scores >= judge.balanced_threshold).mean()),  # type: ignore[attr-defined]
-            "toxic_score": float(scores.mean())}

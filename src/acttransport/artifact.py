@@ -1,0 +1,213 @@
+"""The transport-map artifact: per module a per-unit map, its support, and the record of the fit.
+
+On disk a map is two files in one directory (never pickle): ``transport_config.json`` and
+``transport.safetensors`` with keys ``{module}.scale``, ``{module}.shift``, ``{module}.lower``,
+``{module}.upper`` and, for piecewise-linear (``quantile``) maps, ``{module}.knots_x`` /
+``{module}.knots_y`` ``[K, d]``. This module knows nothing of models: checking that a map
+fits one is :func:`acttransport.steer.check_fits` (``acttransport.load(dir, model=...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import replace_dir
+from ._version import __version__
+from .errors import ConfigError, MapFormatError
+from .transport.maps import ModuleMap
+
+__all__ = ["CONFIG_FILE", "FORMAT", "TENSOR_FILE", "TransportConfig", "TransportMap", "compose", "read_map"]
+
+FORMAT = "acttransport/1"
+CONFIG_FILE = "transport_config.json"
+TENSOR_FILE = "transport.safetensors"
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """What was fitted, as saved in ``transport_config.json`` (how to fit is
+    :class:`~acttransport.options.FitOptions`; the fitting fields here are copied from it).
+
+    Attributes:
+        method, support, pooling, causal, seed, options: the fit's options (pooling resolved).
+        strength: default λ suggested for this map (λ is still a call argument).
+        unbounded: the method's strength is unbounded in its paper.
+        model, revision: the base model's id (alias, hub id or path) and revision.
+        n_samples: sentences per set after balancing.
+        data: a description of the estimation data.
+        notes: subsampling, units left as identity, edits (interpolation, composition).
+        version: the library version that made the map.
+    """
+
+    method: str = "linear"
+    support: str = "observed"
+    pooling: str = "mean"
+    causal: bool = True
+    strength: float = 1.0
+    unbounded: bool = False
+    model: str | None = None
+    revision: str | None = None
+    n_samples: int = 0
+    seed: int = 0
+    data: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    version: str = __version__
+
+    def replace(self, **changes: Any) -> "TransportConfig":
+        """Returns a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TransportMap:
+    """Maps for several modules plus the config that made them. Immutable: edits return new maps.
+
+    Attributes:
+        maps: module spec (``"name"`` or ``"name:k"`` for element k of a tuple output) →
+            :class:`~acttransport.transport.ModuleMap`, in execution order.
+        config: :class:`TransportConfig`.
+    """
+
+    maps: dict[str, ModuleMap]
+    config: TransportConfig = field(default_factory=TransportConfig)
+
+    def __post_init__(self) -> None:
+        if not self.maps:
+            raise MapFormatError("a TransportMap needs at least one module")
+        for name, m in self.maps.items():
+            if not isinstance(m, ModuleMap):
+                raise MapFormatError(f"maps[{name!r}] must be a ModuleMap, got {type(m).__name__}")
+
+    @property
+    def modules(self) -> list[str]:
+        """The module specs, in execution order."""
+        return list(self.maps)
+
+    def interpolate(self, strength: float) -> "TransportMap":
+        """The map T_λ = (1−λ)·id + λ·T itself, as a new map with default strength 1.
+
+        Its support is the same; applying the result at λ=1 equals applying ``self`` at λ.
+        """
+        lam = float(strength)
+        new = {name: m.interpolate(lam) for name, m in self.maps.items()}
+        return TransportMap(new, self.config.replace(strength=1.0, notes=self.config.notes + (f"interpolated at strength {lam}",)))
+
+    def subset(self, modules: list[str]) -> "TransportMap":
+        """A map restricted to ``modules`` (kept in this map's order)."""
+        missing = [m for m in modules if m not in self.maps]
+        if missing:
+            raise ConfigError(f"modules {missing} are not in this map; it has {self.modules}")
+        return TransportMap({k: v for k, v in self.maps.items() if k in modules}, self.config)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes the two files atomically (a temp dir is renamed into place)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            tensors = {f"{n}.{k}": t.detach().to(torch.float32).contiguous().cpu() for n, m in self.maps.items() for k, t in m.tensors().items()}
+            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of ``transport_config.json``."""
+        cfg = dataclasses.asdict(self.config)
+        cfg["version"] = cfg["version"] or __version__
+        cfg["notes"] = list(cfg["notes"])
+        modules = []
+        for name, m in self.maps.items():
+            base, _, idx = name.partition(":")
+            modules.append({"name": name, "module": base, "output_index": int(idx) if idx else None, "width": m.width, "kind": m.kind})
+        return {"format": FORMAT, **cfg, "modules": modules}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"TransportMap(method={c.method!r}, support={c.support!r}, modules={len(self.maps)}, model={c.model!r})"
+
+
+def read_map(directory: str | os.PathLike) -> TransportMap:
+    """Reads a map saved by :meth:`TransportMap.save` (no model involved).
+
+    Raises:
+        MapFormatError: files missing, corrupt, truncated, or not belonging together.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, ten_path = directory / CONFIG_FILE, directory / TENSOR_FILE
+    for p in (cfg_path, ten_path):
+        if not p.is_file():
+            raise MapFormatError(f"{p} not found: a map directory holds {CONFIG_FILE} and {TENSOR_FILE} (made by `acttransport fit`)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MapFormatError(f"{cfg_path} is not valid JSON ({e}); the map is corrupt, fit it again") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("modules"), list):
+        raise MapFormatError(f"{cfg_path} is not an acttransport map config (expected format {FORMAT!r})")
+    try:
+        tensors = load_file(str(ten_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MapFormatError(f"{ten_path} is corrupt or truncated ({e}); fit the map again") from None
+    fields = {f.name for f in dataclasses.fields(TransportConfig)}
+    try:
+        cfg = TransportConfig(**{k: (tuple(v) if k == "notes" else v) for k, v in raw.items() if k in fields})
+        maps = {}
+        for entry in raw["modules"]:
+            name = entry["name"]
+            parts = {k: tensors[f"{name}.{k}"] for k in ("scale", "shift", "lower", "upper")}
+            if entry.get("kind", "affine") == "quantile":
+                parts.update(knots_x=tensors[f"{name}.knots_x"], knots_y=tensors[f"{name}.knots_y"])
+            maps[name] = ModuleMap(**parts)
+            if maps[name].width != entry.get("width", maps[name].width):
+                raise MapFormatError(f"module {name}: config says width {entry['width']}, tensors have {maps[name].width}")
+    except KeyError as e:
+        raise MapFormatError(f"{directory}: missing entry {e} — the two files do not belong together; fit the map again") from None
+    except TypeError as e:
+        raise MapFormatError(f"{cfg_path}: malformed config ({e})") from None
+    return TransportMap(maps, cfg)
+
+
+def compose(second: TransportMap, first: TransportMap) -> TransportMap:
+    """The map ``second ∘ first`` on the same modules and units (affine maps only).
+
+    Both maps must apply everywhere (support ``all``): with a bounded support the composite
+    is ``first(a)`` on part of the line and ``second(first(a))`` elsewhere, which is no
+    longer one affine map with identity outside an interval.
+
+    Raises:
+        ConfigError: modules or widths differ, a map is piecewise linear, or a support is bounded.
+    """
+    if first.modules != second.modules:
+        raise ConfigError(f"compose needs the same modules in the same order: {first.modules} vs {second.modules}")
+    new = {}
+    for name in first.modules:
+        f, s = first.maps[name], second.maps[name]
+        if f.width != s.width:
+            raise ConfigError(f"module {name}: widths differ ({f.width} vs {s.width})")
+        if f.kind != "affine" or s.kind != "affine":
+            raise ConfigError(f"module {name}: compose supports affine maps only (got {f.kind} and {s.kind})")
+        for label, m in (("first", f), ("second", s)):
+            if torch.isfinite(m.lower).any() or torch.isfinite(m.upper).any():
+                raise ConfigError(f"module {name}: the {label} map has a bounded support; compose needs maps fitted with support='all'")
+        scale = s.scale.double() * f.scale.double()
+        shift = s.scale.double() * f.shift.double() + s.shift.double()
+        new[name] = ModuleMap(scale.float(), shift.float(), f.lower, f.upper)
+    notes = first.config.notes + second.config.notes + ("composed",)
+    return TransportMap(new, second.config.replace(method=f"{second.config.method}∘{first.config.method}", strength=1.0, notes=notes))

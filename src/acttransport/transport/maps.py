@@ -1,0 +1,146 @@
+"""Per-unit transport maps: the math, with no model and no file anywhere near it.
+
+A :class:`ModuleMap` holds, for the d units of one hooked output, an affine map
+``a -> scale * a + shift`` (or a monotone piecewise-linear map through knots) and the support
+bounds inside which it applies. Applying it at strength λ is T_λ(a) = a + λ·(T(a) − a) inside
+``lower < a < upper``, identity outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import MapFormatError
+
+__all__ = ["ModuleMap", "apply_units", "piecewise_linear"]
+
+
+@dataclass(frozen=True)
+class ModuleMap:
+    """The map of one hooked output. Inside ``lower < a < upper`` unit j maps
+    ``a -> scale[j] * a + shift[j]`` (affine), or through the knots (piecewise linear).
+
+    Attributes:
+        scale: ``[d]`` float32.
+        shift: ``[d]`` float32.
+        lower: ``[d]`` float32, may be ``-inf``.
+        upper: ``[d]`` float32, may be ``+inf``.
+        knots_x: ``[K, d]`` increasing source knots, or None for an affine map.
+        knots_y: ``[K, d]`` non-decreasing target knots, or None.
+    """
+
+    scale: Tensor
+    shift: Tensor
+    lower: Tensor
+    upper: Tensor
+    knots_x: Tensor | None = None
+    knots_y: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        d = self.scale.shape[0] if isinstance(self.scale, Tensor) and self.scale.ndim == 1 else -1
+        for name in ("scale", "shift", "lower", "upper"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] != d:
+                raise MapFormatError(f"{name} must be a 1-D tensor of width {d}, got {getattr(t, 'shape', t)}")
+        if not (torch.isfinite(self.scale).all() and torch.isfinite(self.shift).all()):
+            raise MapFormatError("scale and shift must be finite")
+        if self.lower.isnan().any() or self.upper.isnan().any() or (self.lower > self.upper).any():
+            raise MapFormatError("support bounds must satisfy lower <= upper and not be NaN")
+        if (self.knots_x is None) != (self.knots_y is None):
+            raise MapFormatError("knots_x and knots_y must be given together")
+        if self.knots_x is not None:
+            kx, ky = self.knots_x, self.knots_y
+            if kx.ndim != 2 or kx.shape != ky.shape or kx.shape[1] != d or kx.shape[0] < 2:
+                raise MapFormatError(f"knots must both be [K>=2, {d}], got {tuple(kx.shape)} and {tuple(ky.shape)}")
+            if not (torch.isfinite(kx).all() and torch.isfinite(ky).all()):
+                raise MapFormatError("knots must be finite")
+            if (kx[1:] < kx[:-1]).any() or (ky[1:] < ky[:-1]).any():
+                raise MapFormatError("knots_x and knots_y must be non-decreasing along K (a monotone map)")
+
+    @property
+    def width(self) -> int:
+        """d, the number of units."""
+        return int(self.scale.shape[0])
+
+    @property
+    def kind(self) -> str:
+        """``"affine"`` or ``"quantile"`` (piecewise linear)."""
+        return "affine" if self.knots_x is None else "quantile"
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors by name, as saved (``scale``, ``shift``, ``lower``, ``upper`` [, knots])."""
+        out = {"scale": self.scale, "shift": self.shift, "lower": self.lower, "upper": self.upper}
+        if self.knots_x is not None:
+            out.update(knots_x=self.knots_x, knots_y=self.knots_y)
+        return out
+
+    def transport(self, a: Tensor) -> Tensor:
+        """T(a) with no support and λ=1. ``a``: ``[..., d]``; returns the same shape."""
+        if self.knots_x is None:
+            return a * self.scale.to(a) + self.shift.to(a)
+        return piecewise_linear(a, self.knots_x.to(a), self.knots_y.to(a))
+
+    def delta(self, a: Tensor) -> Tensor:
+        """T(a) − a, zero outside the support. ``a``: ``[..., d]``."""
+        if self.knots_x is None:
+            d = a * (self.scale.to(a) - 1) + self.shift.to(a)
+        else:
+            d = self.transport(a) - a
+        inside = (a > self.lower.to(a)) & (a < self.upper.to(a))
+        return torch.where(inside, d, torch.zeros_like(d))
+
+    def interpolate(self, strength: float) -> "ModuleMap":
+        """T_λ = (1−λ)·id + λ·T as a map of its own (same support)."""
+        lam = float(strength)
+        kx = self.knots_x
+        ky = None if kx is None else (1 - lam) * kx + lam * self.knots_y
+        return ModuleMap(1 + lam * (self.scale - 1), lam * self.shift, self.lower, self.upper, kx, ky)
+
+
+def apply_units(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
+    """T_λ(x) = x + λ·(T(x) − x) inside the support, x outside, on the LAST axis.
+
+    Args:
+        x: ``[..., d]`` activations, any float dtype (computed in ≥ float32, returned in x's dtype).
+        m: the map (width d).
+        strength: λ.
+
+    Raises:
+        MapFormatError: the last axis is not d wide.
+    """
+    if x.shape[-1] != m.width:
+        raise MapFormatError(f"map has width {m.width} but the output has {x.shape[-1]} units; the map belongs to another model")
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (work + strength * m.delta(work)).to(x.dtype)
+
+
+def piecewise_linear(a: Tensor, kx: Tensor, ky: Tensor) -> Tensor:
+    """Per-unit monotone interpolation through knots, shifted by the end offsets outside.
+
+    Args:
+        a: ``[..., d]`` values.
+        kx: ``[K, d]`` non-decreasing source knots.
+        ky: ``[K, d]`` target knots.
+
+    Returns:
+        ``[..., d]``: linear between knots; ``a + (ky[0] − kx[0])`` below the first knot and
+        ``a + (ky[-1] − kx[-1])`` above the last (a translation, so the map stays monotone).
+    """
+    shape = a.shape
+    flat = a.reshape(-1, shape[-1]).T.contiguous()  # [d, N]
+    kxt, kyt = kx.T.contiguous(), ky.T.contiguous()  # [d, K]
+    k = kxt.shape[1]
+    idx = torch.searchsorted(kxt, flat, right=True).clamp(1, k - 1)  # segment [idx-1, idx]
+    x0, x1 = kxt.gather(1, idx - 1), kxt.gather(1, idx)
+    y0, y1 = kyt.gather(1, idx - 1), kyt.gather(1, idx)
+    width = x1 - x0
+    t = torch.where(width > 0, (flat - x0) / torch.where(width > 0, width, torch.ones_like(width)), 0.5)
+    t = t.clamp(0, 1)
+    out = (1 - t) * y0 + t * y1  # exact at both knots
+    below, above = flat < kxt[:, :1], flat > kxt[:, -1:]
+    out = torch.where(below, flat + (kyt[:, :1] - kxt[:, :1]), out)
+    out = torch.where(above, flat + (kyt[:, -1:] - kxt[:, -1:]), out)
+    return out.T.reshape(shape)

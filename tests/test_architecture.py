@@ -1,0 +1,215 @@
+"""The package's shape: layers without import cycles, no private names across modules, a small
+declared API, no heavy imports at ``import acttransport``, small files, and maps of the
+previous format that load and re-fit bit for bit."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import acttransport as at
+from acttransport.artifact import read_map
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "acttransport"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    """The absolute module an ``ImportFrom`` names (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str) -> list[tuple[str, str | None]]:
+    """``(target module, imported name or None)`` for every import anywhere in the module
+    (function-level imports included), restricted to acttransport."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names if a.name.split(".")[0] == "acttransport"]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, path.name == "__init__.py", node)
+            if target.split(".")[0] == "acttransport":
+                out += [(target, a.name) for a in node.names]
+    return out
+
+
+def _edges() -> dict[str, set[str]]:
+    """Module → the acttransport modules it imports. ``from pkg import sub`` counts as an import
+    of ``pkg.sub`` when that is a module, else of ``pkg`` (its ``__init__``)."""
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for m in MODULES:
+        for target, name in _imports(m):
+            sub = f"{target}.{name}" if name else None
+            dest = sub if sub in MODULES else target
+            if dest in MODULES and dest != m:
+                graph[m].add(dest)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as ``[a, b, ..., a]``, or None (depth-first search)."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_import_graph_has_no_cycles():
+    cycle = find_cycle(_edges())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_graph_sees_lazy_imports_and_would_catch_a_cycle():
+    graph = _edges()
+    assert "acttransport.evaluate.judges.toxicity" in graph["acttransport.evaluate.demo"]  # a function-level import
+    assert "acttransport.engine.estimate" in graph["acttransport.engine"]  # a package's re-export
+    back = {**graph, "acttransport.errors": {"acttransport.steer"}}  # steer imports errors: this closes a cycle
+    assert find_cycle(back) is not None and "acttransport.errors" in find_cycle(back)
+
+
+#: The layers, bottom first, as the README's Architecture section lists them.
+LAYERS = ["_version", "errors", "_io", "transport", "methods", "artifact", "targets", "options", "runners", "engine", "steer",
+          "generation", "assets", "toy", "evaluate", "cli", "__main__", ""]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1] if len(parts) > 1 else "")
+
+
+def test_every_import_points_down_the_layers():
+    assert {m.split(".")[1] for m in MODULES if "." in m} <= set(LAYERS)
+    up = [(m, n) for m, ns in _edges().items() for n in ns if _layer(n) > _layer(m)]
+    assert not up, f"imports from a lower layer up to a higher one: {up}"
+    # the core never imports the evaluations or the CLI; the artifact never imports steering code
+    assert _layer("acttransport.evaluate") > max(_layer(m) for m in MODULES if m.split(".")[1:2] in (["steer"], ["engine"], ["assets"]))
+    assert _layer("acttransport.artifact") < _layer("acttransport.steer")
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [(m, t, n) for m in MODULES for t, n in _imports(m) if n and n.startswith("_") and not n.startswith("__") and t != m]
+    assert not bad, bad
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``from acttransport.x import _y`` and ``mod._y`` where ``mod`` is a bound acttransport module."""
+    tree = ast.parse(path.read_text(), str(path))
+    bound: set[str] = set()
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("acttransport"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append(f"{node.module}.{a.name}")
+                full = f"{node.module}.{a.name}"
+                if full in MODULES:
+                    bound.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("acttransport"):
+                    bound.add(a.asname or a.name.split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if isinstance(node.value, ast.Name) and node.value.id in bound:
+                out.append(f"{node.value.id}.{node.attr}")
+    return out
+
+
+def test_tests_and_benchmarks_use_public_names_only():
+    files = [p for p in (ROOT / "tests").glob("*.py")] + list((ROOT / "benchmarks").glob("*.py"))
+    bad = {p.name: u for p in files if (u := _private_uses(p))}
+    assert not bad, bad
+
+
+def test_every_module_declares_all_and_it_names_real_things():
+    for m in MODULES:
+        if m.endswith("__main__"):  # runs the CLI on import
+            continue
+        mod = importlib.import_module(m)
+        assert isinstance(getattr(mod, "__all__", None), list), f"{m} declares no __all__"
+        missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+        assert not missing, f"{m}.__all__ names missing attributes {missing}"
+
+
+def test_public_api_is_small_and_documented():
+    assert len(at.__all__) <= 17
+    for name in at.__all__:
+        assert getattr(at, name).__doc__, name
+    assert at.__version__ == importlib.import_module("acttransport._version").__version__
+
+
+def test_import_acttransport_stays_light():
+    code = "import sys, acttransport; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out.replace("'", '"')))
+    assert not loaded & {"transformers", "sklearn", "matplotlib", "diffusers", "scipy"}, loaded & {"transformers", "sklearn", "matplotlib"}
+
+
+def test_no_source_file_is_over_400_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+# ------------------------------------------------------------------ the previous format, bit for bit
+
+DATA = ROOT / "tests" / "data" / "maps_v0_1"  # written by acttransport 0.1.0 at commit ac2a411
+CASES = {
+    "linear_causal": dict(method="linear", support="observed", causal=True),
+    "mean_all": dict(method="mean", support="all", causal=False),
+    "quantile_q05": dict(method="quantile", support="quantile:0.05", causal=True, knots=8),
+    "caa_last": dict(method="caa", support="all", causal=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_maps_of_the_previous_version_load_and_refit_bit_for_bit(case):
+    from conftest import make_llama, make_tokenizer, sentences
+
+    old = at.load(DATA / case, model=make_llama())
+    assert old.config.version == "0.1.0" and old.config.model == "llama"
+    model, tok = make_llama(), make_tokenizer()
+    src, tgt = sentences(24, 2, 100, seed=1), sentences(30, 150, 300, seed=2)
+    pattern = [r"model\.layers\.\d\.post_attention_layernorm", r"model\.layers\.1\.self_attn:0"]
+    with pytest.warns(UserWarning, match="subsampled"):
+        new = at.estimate(model, tok, src, tgt, pattern, batch_size=16, max_length=128, seed=3, progress=False, **CASES[case])
+    assert new.modules == old.modules and new.config.notes == old.config.notes
+    for name in old.modules:
+        for key, t in old.maps[name].tensors().items():
+            assert torch.equal(new.maps[name].tensors()[key], t), (name, key)
+    assert read_map(DATA / case).to_json() == {**new.to_json(), "data": ""}
