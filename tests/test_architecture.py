@@ -212,4 +212,8 @@ def test_maps_of_the_previous_version_load_and_refit_bit_for_bit(case):
     for name in old.modules:
         for key, t in old.maps[name].tensors().items():
             assert torch.equal(new.maps[name].tensors()[key], t), (name, key)
-    assert read_map(DATA / case).to_json() == {**new.to_json(), "data": ""}
+    old_json, new_json = read_map(DATA / case).to_json(), new.to_json()
+    assert old_json.pop("spatial") == "pixel" and new_json.pop("spatial") == "mean"  # format 1 mapped every pixel of a conv map
+    assert old_json == {**new_json, "data": ""}
+    raw = json.loads((DATA / case / "transport_config.json").read_text())
+    assert raw["format"] == "acttransport/1" and new_json["format"] == "acttransport/2"

@@ -408,11 +408,30 @@ def test_pool_and_apply_map_on_conv_maps():
     torch.testing.assert_close(pool(x, None, "mean"), x.mean(dim=(2, 3)))
     torch.testing.assert_close(pool(x, None, "max"), x.amax(dim=(2, 3)))
     m = affine(3, 7)
-    out = apply_map(x, m, 1.0)
+    out = apply_map(x, m, 1.0, spatial="pixel")
     assert out.shape == x.shape
     torch.testing.assert_close(out, x * m.scale[None, :, None, None] + m.shift[None, :, None, None])
     with pytest.raises(MapFormatError, match="map has width 5 but the module output has 3 units on axis 1"):
         apply_map(x, affine(5, 7), 1.0)  # width is read on the channel axis (3), not the last (5)
+
+
+def test_spatial_mean_rule_shifts_each_channel_by_the_map_of_its_mean():
+    """The paper's rule on [B, C, H, W]: μ = the channel's spatial mean, x + λ·(T(μ) − μ) where
+    lower < μ < upper, x unchanged elsewhere; the spatial contrast is kept (per pixel it is not)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 4, 5, generator=g) + torch.tensor([0.0, 3.0, -3.0])[None, :, None, None]
+    m = ModuleMap(torch.tensor([0.5, 2.0, 1.5]), torch.tensor([1.0, -1.0, 0.25]), torch.tensor([-1.0, -10.0, -1.0]), torch.tensor([1.0, 10.0, 1.0]))
+    out = apply_map(x, m, 0.5)  # spatial="mean" is the default
+    for b in range(2):
+        for c in range(3):
+            mu = float(x[b, c].mean())
+            inside = float(m.lower[c]) < mu < float(m.upper[c])
+            shift = 0.5 * ((float(m.scale[c]) - 1) * mu + float(m.shift[c])) if inside else 0.0
+            torch.testing.assert_close(out[b, c], x[b, c] + shift)
+    assert torch.equal(out[:, 2], x[:, 2])  # channel 2's mean (≈ −3) lies outside (−1, 1): identity
+    contrast = (out - out.mean((2, 3), keepdim=True)) - (x - x.mean((2, 3), keepdim=True))
+    assert contrast.abs().max() < 1e-5
+    assert torch.equal(apply_map(x, m, 0.0), x)
 
 
 def test_conv_steering_moves_channel_means(zoo, tok):

@@ -138,9 +138,21 @@ def test_estimate_through_a_runner_needs_no_tokenizer_for_single_call_modules():
     torch.testing.assert_close(moved.mean(0), target.mean(0), rtol=1e-4, atol=1e-4)
 
 
-def test_estimate_refuses_per_step_sites_until_the_artifact_has_a_step_axis():
-    with pytest.raises(ConfigError, match="per-step"):
-        at.estimate(PromptRunner(Denoiser(steps=2)), source=SRC, target=TGT, modules="block.norm", progress=False)
+@pytest.mark.parametrize("steps", ["each", "first", "all"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_estimate_relates_maps_to_steps(steps, causal):
+    runner = PromptRunner(Denoiser(steps=3))
+    tmap = at.estimate(runner, source=SRC, target=TGT, modules="block.norm", steps=steps, causal=causal, progress=False)
+    m = tmap.maps["block.norm"]
+    assert m.steps == (3 if steps == "each" else None) and m.width == 5
+    assert tmap.config.steps == steps and tmap.config.spatial == "mean"
+    if steps == "each":  # step k's map equals the per-site fit (causal: the engine's one pass)
+        assert not torch.equal(m.at(0).shift, m.at(2).shift)
+    if steps == "all" and not causal:  # one map from the three steps' activations pooled
+        acts = at.collect(runner, texts=SRC + TGT, modules="block.norm", progress=False)["block.norm"]  # [20, 3, 5]
+        a, b = acts[:10].transpose(0, 1).reshape(30, 5), acts[10:].transpose(0, 1).reshape(30, 5)
+        f = fit_linear(a, b)
+        torch.testing.assert_close(m.scale, f.scale)
 
 
 def test_lm_runner_batches_by_length_with_a_mask_and_positions(llama, tok):

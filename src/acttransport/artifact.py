@@ -3,8 +3,11 @@
 On disk a map is two files in one directory (never pickle): ``transport_config.json`` and
 ``transport.safetensors`` with keys ``{module}.scale``, ``{module}.shift``, ``{module}.lower``,
 ``{module}.upper`` and, for piecewise-linear (``quantile``) maps, ``{module}.knots_x`` /
-``{module}.knots_y`` ``[K, d]``. This module knows nothing of models: checking that a map
-fits one is :func:`acttransport.steer.check_fits` (``acttransport.load(dir, model=...)``).
+``{module}.knots_y`` ``[K, d]``; a map with one map per denoising step has a leading step axis
+on every tensor (``[S, d]``, ``[S, K, d]``). Format ``acttransport/2`` added the step axis and
+the diffusion fields of the config; maps of format ``acttransport/1`` still load. This module
+knows nothing of models: checking that a map fits one is :func:`acttransport.steer.check_fits`
+(``acttransport.load(dir, model=...)``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from ._version import __version__
 from .errors import ConfigError, MapFormatError
 from .transport.maps import ModuleMap
 
-__all__ = ["CONFIG_FILE", "FORMAT", "TENSOR_FILE", "TransportConfig", "TransportMap", "compose", "read_map"]
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMATS", "TENSOR_FILE", "TransportConfig", "TransportMap", "compose", "read_map"]
 
-FORMAT = "acttransport/1"
+FORMAT = "acttransport/2"
+#: Formats :func:`read_map` reads.
+FORMATS = ("acttransport/1", "acttransport/2")
 CONFIG_FILE = "transport_config.json"
 TENSOR_FILE = "transport.safetensors"
 
@@ -46,6 +51,15 @@ class TransportConfig:
         data: a description of the estimation data.
         notes: subsampling, units left as identity, edits (interpolation, composition).
         version: the library version that made the map.
+        spatial: how the maps act on conv feature maps (``mean`` or ``pixel``; maps of
+            format 1 acted per pixel).
+        steps: for a diffusion model, how the maps relate to denoising steps (``each``,
+            ``first``, ``all``); None for a model whose modules run once per call.
+        timesteps: with ``steps="each"``, the denoiser's timestep at each step of the fitted
+            schedule; a step is recognised at inference by its timestep.
+        denoiser: the pipeline component that runs once per step (``unet``, ``transformer``).
+        runner: the settings of the runs the activations came from (e.g. number of steps,
+            guidance scale, image size, seed).
     """
 
     method: str = "linear"
@@ -62,6 +76,11 @@ class TransportConfig:
     options: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     version: str = __version__
+    spatial: str = "mean"
+    steps: str | None = None
+    timesteps: tuple[float, ...] = ()
+    denoiser: str | None = None
+    runner: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> "TransportConfig":
         """Returns a copy with some fields changed."""
@@ -129,11 +148,12 @@ class TransportMap:
         """The content of ``transport_config.json``."""
         cfg = dataclasses.asdict(self.config)
         cfg["version"] = cfg["version"] or __version__
-        cfg["notes"] = list(cfg["notes"])
+        cfg["notes"], cfg["timesteps"] = list(cfg["notes"]), list(cfg["timesteps"])
         modules = []
         for name, m in self.maps.items():
             base, _, idx = name.partition(":")
-            modules.append({"name": name, "module": base, "output_index": int(idx) if idx else None, "width": m.width, "kind": m.kind})
+            modules.append({"name": name, "module": base, "output_index": int(idx) if idx else None, "width": m.width, "kind": m.kind,
+                            "steps": m.steps})
         return {"format": FORMAT, **cfg, "modules": modules}
 
     def __repr__(self) -> str:
@@ -159,15 +179,17 @@ def read_map(directory: str | os.PathLike) -> TransportMap:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MapFormatError(f"{cfg_path} is not valid JSON ({e}); the map is corrupt, fit it again") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("modules"), list):
-        raise MapFormatError(f"{cfg_path} is not an acttransport map config (expected format {FORMAT!r})")
+    if not isinstance(raw, dict) or raw.get("format") not in FORMATS or not isinstance(raw.get("modules"), list):
+        raise MapFormatError(f"{cfg_path} is not an acttransport map config (expected format {' or '.join(map(repr, FORMATS))})")
+    if raw["format"] == "acttransport/1":
+        raw.setdefault("spatial", "pixel")  # format 1 applied maps to every pixel of a conv map
     try:
         tensors = load_file(str(ten_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MapFormatError(f"{ten_path} is corrupt or truncated ({e}); fit the map again") from None
     fields = {f.name for f in dataclasses.fields(TransportConfig)}
     try:
-        cfg = TransportConfig(**{k: (tuple(v) if k == "notes" else v) for k, v in raw.items() if k in fields})
+        cfg = TransportConfig(**{k: (tuple(v) if k in ("notes", "timesteps") else v) for k, v in raw.items() if k in fields})
         maps = {}
         for entry in raw["modules"]:
             name = entry["name"]
@@ -177,6 +199,8 @@ def read_map(directory: str | os.PathLike) -> TransportMap:
             maps[name] = ModuleMap(**parts)
             if maps[name].width != entry.get("width", maps[name].width):
                 raise MapFormatError(f"module {name}: config says width {entry['width']}, tensors have {maps[name].width}")
+            if maps[name].steps != entry.get("steps"):
+                raise MapFormatError(f"module {name}: config says {entry.get('steps')} steps, tensors have {maps[name].steps}")
     except KeyError as e:
         raise MapFormatError(f"{directory}: missing entry {e} — the two files do not belong together; fit the map again") from None
     except TypeError as e:
@@ -203,6 +227,8 @@ def compose(second: TransportMap, first: TransportMap) -> TransportMap:
             raise ConfigError(f"module {name}: widths differ ({f.width} vs {s.width})")
         if f.kind != "affine" or s.kind != "affine":
             raise ConfigError(f"module {name}: compose supports affine maps only (got {f.kind} and {s.kind})")
+        if f.steps != s.steps:
+            raise ConfigError(f"module {name}: one map has {f.steps} steps and the other {s.steps}; compose maps of the same schedule")
         for label, m in (("first", f), ("second", s)):
             if torch.isfinite(m.lower).any() or torch.isfinite(m.upper).any():
                 raise ConfigError(f"module {name}: the {label} map has a bounded support; compose needs maps fitted with support='all'")

@@ -17,10 +17,13 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, DataError
 from .methods import METHODS, MethodInfo, method_info
-from .targets.layouts import POOLINGS
+from .targets.layouts import POOLINGS, SPATIAL
 from .transport.support import parse_support
 
-__all__ = ["FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+__all__ = ["STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+
+#: How a diffusion model's modules, which run once per denoising step, get their maps.
+STEPS = ("each", "first", "all")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -44,6 +47,11 @@ class FitOptions:
         max_length: tokens kept per sentence.
         seed: seed of the subsample that balances source and target counts.
         method_options: keyword options of the method's estimator (e.g. ``knots`` for quantile).
+        steps: diffusion models only: ``each`` — one map per denoising step, fitted causally in
+            step order; ``first`` — one map fitted on the first step, applied at every step;
+            ``all`` — one map fitted on all steps' activations pooled.
+        spatial: conv feature maps ``[B, C, H, W]`` only: ``mean`` — shift each channel by
+            λ·(T(μ) − μ), μ its spatial mean (the paper's rule); ``pixel`` — map every pixel.
     """
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
@@ -58,6 +66,10 @@ class FitOptions:
     method_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "help": "method option, repeatable (e.g. threshold=0.6 for detzero, knots=16 for quantile, pair_index=3 for actadd)",
         "flag": "--option", "metavar": "KEY=VALUE"})
+    steps: str = _opt("each", "diffusion: one map per denoising step (each), one from the first step used at every step "
+                              "(first), or one from all steps pooled (all)", choices="steps")
+    spatial: str = _opt("mean", "conv feature maps: shift each channel by T(mean) - mean (mean, the paper's rule) "
+                                "or map every pixel (pixel)", choices="spatial")
 
     def __post_init__(self) -> None:
         mods = self.modules
@@ -84,6 +96,10 @@ class FitOptions:
             raise ConfigError(f"method_options must be a mapping of option names to values, got {self.method_options!r}")
         object.__setattr__(self, "method_options", dict(self.method_options))
         info.check_options(self.method_options)
+        if self.steps not in STEPS:
+            raise ConfigError(f"unknown steps {self.steps!r}; choose one of: {', '.join(STEPS)}")
+        if self.spatial not in SPATIAL:
+            raise ConfigError(f"unknown spatial rule {self.spatial!r}; choose one of: {', '.join(SPATIAL)}")
 
     def replace(self, **changes: Any) -> "FitOptions":
         """A validated copy with some fields changed."""
@@ -156,8 +172,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
             kw["nargs"] = meta["nargs"]
         if meta.get("choices") == "methods":
             kw["choices"] = list(METHODS)
-        elif meta.get("choices") == "poolings":
-            kw["choices"] = list(POOLINGS)
+        elif meta.get("choices") in ("poolings", "steps", "spatial"):
+            kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL}[meta["choices"]])
         elif isinstance(f.default, int) and not isinstance(f.default, bool):
             kw["type"] = int
         parser.add_argument(_flag(f), **kw)

@@ -1,4 +1,10 @@
-"""Steering: the removable hook that applies a map at strength λ, and the checks around it."""
+"""Steering: the removable hooks that apply a map at strength λ, and the checks around them.
+
+A causal LM (any ``nn.Module``) gets one forward hook per mapped module. A diffusers pipeline is
+steered through its components (``unet.…``, ``transformer.…``); a map with one map per denoising
+step also gets a forward pre-hook on the denoiser that reads the call's timestep, so each step
+applies its own map.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,28 @@ from torch import nn
 
 from .artifact import TransportMap, read_map
 from .errors import ConfigError, MapFormatError
+from .runners.diffusion import read_timestep
 from .targets.layouts import apply_map
-from .targets.names import add_hooks, declared_width, get_module, pick_output, remove_hooks, replace_output, split_spec
+from .targets.names import (
+    add_hooks, declared_width, denoiser_name, get_module, module_tree, pick_output, remove_hooks, replace_output, split_spec,
+)
 
-__all__ = ["check_fits", "check_strength", "is_steered", "load", "steer"]
+__all__ = ["HALVES", "check_fits", "check_strength", "is_steered", "load", "steer"]
+
+#: Which halves of a classifier-free-guidance batch ``[unconditional, conditional]`` are steered.
+HALVES = ("both", "cond")
 
 _ACTIVE = "_acttransport_hooks"
 
 
-def check_fits(model: nn.Module, tmap: TransportMap) -> None:
-    """Checks that every module of ``tmap`` exists in ``model`` and, where the module's
-    width can be read off its parameters, that widths match.
+def check_fits(model: Any, tmap: TransportMap) -> None:
+    """Checks that every module of ``tmap`` exists in ``model`` (a module or a pipeline) and,
+    where the module's width can be read off its parameters, that widths match.
 
     Raises:
         MapFormatError: with the first mismatch.
     """
+    model = module_tree(model)
     for spec, m in tmap.maps.items():
         mod = get_module(model, spec)
         width = declared_width(mod)
@@ -33,12 +46,13 @@ def check_fits(model: nn.Module, tmap: TransportMap) -> None:
             raise MapFormatError(f"{spec}: map width {m.width} but the module has width {width}; the map was fitted on another model")
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> TransportMap:
+def load(directory: str | os.PathLike, model: Any = None) -> TransportMap:
     """Reads a map saved by :meth:`~acttransport.artifact.TransportMap.save`.
 
     Args:
         directory: the map directory.
-        model: optional ``torch.nn.Module``; if given, module names and widths are checked.
+        model: optional ``torch.nn.Module`` or diffusers pipeline; if given, module names and
+            widths are checked.
 
     Raises:
         MapFormatError: files missing, corrupt, truncated, or not fitting ``model``.
@@ -49,7 +63,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Transp
     return tmap
 
 
-def is_steered(model: nn.Module) -> bool:
+def is_steered(model: Any) -> bool:
     """Whether ``model`` is inside a :func:`steer` block now."""
     return bool(getattr(model, _ACTIVE, None))
 
@@ -72,41 +86,89 @@ def check_strength(strength: float, unbounded: bool) -> float:
     return s
 
 
+def _step_of(t: float, timesteps: tuple[float, ...]) -> int:
+    for k, tk in enumerate(timesteps):
+        if abs(t - tk) <= 1e-4 * max(1.0, abs(tk)):
+            return k
+    raise MapFormatError(
+        f"the denoiser ran at timestep {t:g}, which is not a step of the schedule this map was fitted on "
+        f"({len(timesteps)} steps: {', '.join(f'{x:g}' for x in timesteps[:6])}{', ...' if len(timesteps) > 6 else ''}); "
+        "generate with the same scheduler and num_inference_steps, or fit with steps='first' or 'all' for a map shared by every step"
+    )
+
+
 @contextlib.contextmanager
-def steer(model: nn.Module, tmap: TransportMap, strength: float = 1.0, allow_unbounded: bool = False) -> Iterator[nn.Module]:
+def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded: bool = False, halves: str = "both") -> Iterator[Any]:
     """Applies ``tmap`` at strength λ inside the ``with`` block; hooks are always removed.
 
     T_λ(a) = a + λ·((ω−1)·a + β) for every token (or pixel) whose value lies inside the
-    support, identity elsewhere. λ=0 leaves outputs bit-exact.
+    support, identity elsewhere; on a conv feature map, by default, each channel is shifted by
+    λ·(T(μ) − μ) with μ its spatial mean (``tmap.config.spatial``). λ=0 leaves outputs bit-exact.
 
     Args:
-        model: the model the map was fitted on.
+        model: the model the map was fitted on: an ``nn.Module`` or a diffusers pipeline.
         tmap: a :class:`~acttransport.artifact.TransportMap`.
         strength: λ in [0, 1]; outside only with ``allow_unbounded=True`` or for methods
             whose strength is unbounded (actadd, caa, itic).
         allow_unbounded: opt in to λ outside [0, 1].
+        halves: with classifier-free guidance, steer ``both`` halves of the denoiser's batch
+            (default: the steered model is then a model of its own, which guidance extrapolates
+            as usual) or only the ``cond`` (conditional) half (guidance then also amplifies the
+            steering by the guidance scale).
 
     Raises:
-        ConfigError: bad strength, or the model is already being steered.
+        ConfigError: bad strength or ``halves``, or the model is already being steered.
         MapFormatError: the map does not fit the model.
     """
     lam = check_strength(strength, allow_unbounded or tmap.config.unbounded)
+    if halves not in HALVES:
+        raise ConfigError(f"halves must be one of {', '.join(HALVES)}, got {halves!r}")
     if is_steered(model):
         raise ConfigError("this model is already being steered; leave the other `steer` block first (or compose the maps)")
-    check_fits(model, tmap)
+    root = module_tree(model)
+    check_fits(root, tmap)
+    spatial = tmap.config.spatial
+    per_step = {spec: [m.at(k) for k in range(m.steps)] for spec, m in tmap.maps.items() if m.steps is not None}
+    state: dict[str, Any] = {"t": None, "cfg": False}
+    handles = []
+    if per_step or halves == "cond":
+        den = tmap.config.denoiser or denoiser_name(model)
+        if den is None:
+            raise ConfigError("per-step maps and halves='cond' need a diffusion pipeline (a model with a unet or transformer component)")
+
+        def read(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state["t"] = read_timestep(module, args, kwargs) if per_step else None
+            state["cfg"] = bool(getattr(model, "do_classifier_free_guidance", False))
+
+        handles.append(get_module(root, den).register_forward_pre_hook(read, with_kwargs=True))
 
     def make(spec: str) -> Callable:
-        m = tmap.maps[spec]
+        steps, shared = per_step.get(spec), tmap.maps[spec]
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if lam == 0.0:
                 return None
+            if steps is None:
+                m = shared
+            elif state["t"] is None:
+                raise MapFormatError(f"{spec} ran outside a denoiser call; its per-step map cannot tell the step")
+            else:
+                m = steps[_step_of(state["t"], tmap.config.timesteps)]
             x = pick_output(output, spec)
-            return replace_output(output, spec, apply_map(x, m, lam))
+            if halves == "cond" and state["cfg"]:
+                b = x.shape[0] // 2
+                new = torch.cat([x[:b], apply_map(x[b:], m, lam, spatial)])
+            else:
+                new = apply_map(x, m, lam, spatial)
+            return replace_output(output, spec, new)
 
         return hook
 
-    handles = add_hooks(model, tmap.modules, make)
+    try:
+        handles += add_hooks(root, tmap.modules, make)
+    except BaseException:
+        remove_hooks(handles)
+        raise
     setattr(model, _ACTIVE, handles)
     try:
         yield model

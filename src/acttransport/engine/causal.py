@@ -40,6 +40,7 @@ def fit_causal_one_pass(
     pooling: str,
     fit_fn: Callable[[Site, Tensor], ModuleMap],
     progress: Callable[[Site], None] | None = None,
+    spatial: str = "mean",
 ) -> dict[Site, ModuleMap]:
     """Fits one map per site, causally, with one forward call per batch.
 
@@ -50,6 +51,7 @@ def fit_causal_one_pass(
         pooling: passed to ``runner.pool``.
         fit_fn: ``(site, pooled [n, d] in row order) -> ModuleMap``.
         progress: called with each site once it is fitted.
+        spatial: how a fitted map acts on a conv feature map (see :func:`~acttransport.targets.apply_map`).
 
     Returns:
         ``{site: ModuleMap}`` in execution order.
@@ -77,7 +79,7 @@ def fit_causal_one_pass(
             go[bi].acquire()
             if state["abort"] or site == last:
                 raise _Abort  # nothing after the last site is needed
-            return replace_output(output, spec, apply_map(x, fitted[site], 1.0))
+            return replace_output(output, spec, apply_map(x, fitted[site], 1.0, spatial))
 
         return hook
 

@@ -1,9 +1,16 @@
-"""Estimation: balance the two input sets, collect (causally), fit one map per module."""
+"""Estimation: balance the two input sets, collect (causally), fit one map per module.
+
+For a model whose modules run once per denoising step (a diffusion pipeline) the maps relate to
+the steps as ``FitOptions.steps`` says: one map per step (``each``, causal in step order, a
+step axis in the map), one map fitted on the first step (``first``), or one map fitted on all
+steps' activations pooled (``all``; causal estimation then costs one pass per module).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +21,8 @@ from ..errors import ConfigError, DataError
 from ..methods import Fitted
 from ..options import FitOptions
 from ..runners import Runner, runner_for
-from ..targets.names import match_modules
+from ..targets.layouts import apply_map
+from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
 from ..targets.presets import default_preset, model_type
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
@@ -50,6 +58,73 @@ def _options(options: FitOptions | None, modules: Any, given: dict[str, Any], me
     return base.replace(**changes)
 
 
+def _steps_per_module(sites: Sequence[Site], denoiser_calls: int | None) -> int:
+    """S, the number of calls of every module (1 when none repeats).
+
+    Raises:
+        ConfigError: modules run different numbers of times (e.g. a text-encoder module beside the UNet's).
+    """
+    calls: dict[str, int] = {}
+    for spec, k in sites:
+        calls[spec] = max(calls.get(spec, 0), k + 1)
+    counts = sorted(set(calls.values()))
+    if len(counts) > 1 or (denoiser_calls and counts[-1] not in (1, denoiser_calls)):
+        detail = ", ".join(f"{s} runs {c}×" for s, c in list(calls.items())[:4])
+        raise ConfigError(f"the modules run different numbers of times per call ({detail}; the denoiser runs {denoiser_calls}×); "
+                          "steer modules of the denoiser only (e.g. unet.* or transformer.*)")
+    return counts[-1]
+
+
+@contextlib.contextmanager
+def _applied(model: nn.Module, maps: dict[str, ModuleMap], spatial: str) -> Iterator[None]:
+    """Hooks applying ``maps`` (shared by every call) at λ=1 inside the block."""
+
+    def make(spec: str) -> Callable:
+        return lambda mod, args, out: replace_output(out, spec, apply_map(pick_output(out, spec), maps[spec], 1.0, spatial))
+
+    handles = add_hooks(model, list(maps), make)
+    try:
+        yield
+    finally:
+        remove_hooks(handles)
+
+
+def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOptions, pool_how: str,
+               fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> None:
+    """Fits every site, causally in one pass per batch or from one plain collection."""
+    if opts.causal:
+        with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit="site", disable=not progress) as bar:
+            fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit, progress=lambda site: bar.update(1),
+                                spatial=opts.spatial)
+    else:
+        acts = collect_sites(runner, texts, sites, pool_how, stop_after=sites[-1], progress=progress)
+        for site in sites:
+            fit(site, acts[site])
+
+
+def _fit_pooled_steps(runner: Runner, texts: list[str], sites: list[Site], n: int, opts: FitOptions, pool_how: str,
+                      fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> dict[str, ModuleMap]:
+    """``steps="all"``: one map per module from its activations at every step, pooled (source
+    rows of all steps against target rows of all steps). Causal: one pass per module, the
+    earlier modules' maps applied at every step."""
+    specs = list(dict.fromkeys(s for s, _ in sites))
+    fitted: dict[str, ModuleMap] = {}
+
+    def pooled(acts: dict[Site, Tensor], spec: str) -> Tensor:
+        mine = [acts[site] for site in sites if site[0] == spec]
+        return torch.cat([torch.cat([a[:n] for a in mine]), torch.cat([a[n:] for a in mine])])
+
+    if not opts.causal:
+        acts = collect_sites(runner, texts, sites, pool_how, progress=progress)
+        return {spec: fit(spec, pooled(acts, spec)) for spec in specs}
+    for spec in tqdm(specs, desc=f"fit {opts.method} (causal, one pass per module)", unit="module", disable=not progress):
+        mine = [site for site in sites if site[0] == spec]
+        with _applied(runner.model, dict(fitted), opts.spatial):
+            acts = collect_sites(runner, texts, mine, pool_how, stop_after=mine[-1], progress=False)
+        fitted[spec] = fit(spec, pooled(acts, spec))
+    return fitted
+
+
 def estimate(
     model: nn.Module | Runner,
     tokenizer: Any = None,
@@ -63,6 +138,8 @@ def estimate(
     batch_size: int | None = None,
     max_length: int | None = None,
     seed: int | None = None,
+    steps: str | None = None,
+    spatial: str | None = None,
     data: str = "",
     progress: bool = True,
     options: FitOptions | None = None,
@@ -76,17 +153,19 @@ def estimate(
     seed 0, the architecture's default modules).
 
     Args:
-        model: a causal LM (with ``tokenizer``), or a :class:`~acttransport.runners.Runner`
-            (then no tokenizer: pass ``source=`` and ``target=`` by keyword).
+        model: a causal LM (with ``tokenizer``), a diffusers pipeline, or a
+            :class:`~acttransport.runners.Runner` (for the last two no tokenizer: pass
+            ``source=`` and ``target=`` by keyword; a pipeline runs with the defaults of
+            :class:`~acttransport.runners.DiffusionRunner`, pass one to choose its settings).
         tokenizer: the LM's tokenizer.
         source: ``n`` sentences with the behaviour to move away from (e.g. toxic).
         target: ``m`` sentences with the behaviour to move towards (the larger set is
             subsampled to the smaller size with ``seed``).
         modules: patterns or specs of the outputs to transport; None: the default preset.
-        method, support, pooling, causal, batch_size, max_length, seed: see FitOptions.
+        method, support, pooling, causal, batch_size, max_length, seed, steps, spatial: see FitOptions.
         data: a description of the data, stored in the config.
         progress: show progress bars.
-        options: a FitOptions to start from.
+        options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
         **method_options: method-specific options (e.g. ``pair_index`` for actadd).
 
     Returns:
@@ -95,7 +174,8 @@ def estimate(
     Raises:
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
-    given = dict(method=method, support=support, pooling=pooling, causal=causal, batch_size=batch_size, max_length=max_length, seed=seed)
+    given = dict(method=method, support=support, pooling=pooling, causal=causal, batch_size=batch_size, max_length=max_length, seed=seed,
+                 steps=steps, spatial=spatial)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
     source, target = check_texts(source if source is not None else [], "source"), check_texts(target if target is not None else [], "target")
@@ -108,40 +188,47 @@ def estimate(
     if opts.modules is None:
         notes.append(f"no modules given: used {default_preset(runner.model)}, the default for {model_type(runner.model)}")
     sites = execution_order(runner, match_modules(runner.model, opts.modules))
-    repeated = sorted({spec for spec, k in sites if k > 0})
-    if repeated:
-        raise ConfigError(f"modules {repeated[:3]} run several times per forward call; per-step maps need a per-step artifact")
+    timesteps = list(getattr(runner, "timesteps", []) or [])
+    n_steps = _steps_per_module(sites, len(timesteps) or None)
     n = len(source)
-    fitted: dict[str, ModuleMap] = {}
-    flat: list[str] = []
+    flat: dict[str, list[int]] = {}
 
-    def fit_one(site: Site, acts: Tensor) -> ModuleMap:
-        spec = site[0]
-        a, b = acts[:n], acts[n:]
+    def fit(key: Any, acts: Tensor) -> ModuleMap:
+        spec = key[0] if isinstance(key, tuple) else key
+        a, b = acts[: len(acts) // 2], acts[len(acts) // 2 :]
         try:
             f: Fitted = info.fit(a, b, **opts.method_options)
         except DataError as e:
             raise DataError(f"{spec}: {e}") from None
         lo, hi = support_bounds(a, opts.support)
-        fitted[spec] = ModuleMap(f.scale, f.shift, lo, hi, f.knots_x, f.knots_y)
-        k = int(f.degenerate.sum())
-        if k:
-            flat.append(f"{spec}: {k} of {f.degenerate.numel()} units have ~zero variance and were left as identity")
-        return fitted[spec]
+        flat.setdefault(spec, []).append(int(f.degenerate.sum()))
+        return ModuleMap(f.scale, f.shift, lo, hi, f.knots_x, f.knots_y)
 
     texts = source + target
-    if opts.causal:
-        with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit="module", disable=not progress) as bar:
-            fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit_one, progress=lambda site: bar.update(1))
+    if n_steps == 1:
+        fitted = {}
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
+    elif opts.steps == "each":
+        per_site: dict[Site, ModuleMap] = {}
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: per_site.setdefault(site, fit(site, acts)), progress)
+        fitted = {spec: ModuleMap.stack([per_site[(spec, k)] for k in range(n_steps)]) for spec in dict.fromkeys(s for s, _ in sites)}
+    elif opts.steps == "first":
+        fitted = {}
+        first = [site for site in sites if site[1] == 0]
+        _fit_sites(runner, texts, first, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
     else:
-        acts = collect_sites(runner, texts, sites, pool_how, stop_after=sites[-1], progress=progress)
-        for site in sites:
-            fit_one(site, acts[site])
-    for line in flat:
-        warnings.warn(line, stacklevel=2)
-    notes += flat
+        fitted = _fit_pooled_steps(runner, texts, sites, n, opts, pool_how, fit, progress)
+    for spec, counts in flat.items():
+        if max(counts):
+            where = "" if n_steps == 1 or len(counts) == 1 else f" at {sum(c > 0 for c in counts)} of {len(counts)} steps"
+            line = f"{spec}: {max(counts)} of {fitted[spec].width} units have ~zero variance{where} and were left as identity"
+            warnings.warn(line, stacklevel=2)
+            notes.append(line)
+    per_step = n_steps > 1
     cfg = TransportConfig(
         method=opts.method, support=opts.support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
         model=runner.model_id, n_samples=n, seed=opts.seed, data=data, options=dict(opts.method_options), notes=tuple(notes),
+        spatial=opts.spatial, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
+        denoiser=getattr(runner, "denoiser", None), runner=dict(getattr(runner, "settings", {}) or {}),
     )
     return TransportMap(fitted, cfg)

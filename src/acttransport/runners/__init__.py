@@ -9,19 +9,25 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Batch, Runner, model_id
 from .causal_lm import CausalLMRunner
+from .diffusion import DiffusionRunner
 
-__all__ = ["Batch", "CausalLMRunner", "Runner", "model_id", "runner_for"]
+__all__ = ["Batch", "CausalLMRunner", "DiffusionRunner", "Runner", "model_id", "runner_for"]
 
 
 def runner_for(model: Any, tokenizer: Any = None, batch_size: int = 32, max_length: int = 64) -> Runner:
-    """The runner for ``model``: ``model`` itself if it is a :class:`Runner`, else a
-    :class:`CausalLMRunner` for a module with a tokenizer.
+    """The runner for ``model``: ``model`` itself if it is a :class:`Runner`, a
+    :class:`DiffusionRunner` (default settings: 20 steps, the pipeline's guidance) for a
+    diffusers pipeline, else a :class:`CausalLMRunner` for a module with a tokenizer.
 
     Raises:
         ConfigError: no runner fits (e.g. a language model without its tokenizer).
     """
     if isinstance(model, Runner) and not isinstance(model, nn.Module):
         return model
+    if isinstance(getattr(model, "components", None), dict):
+        if tokenizer is not None:
+            raise ConfigError("a diffusion pipeline brings its own tokenizer: call estimate(pipe, source=[...], target=[...], modules=...)")
+        return DiffusionRunner(model, batch_size=batch_size)
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ConfigError("a language model needs its tokenizer: estimate(model, tokenizer, source, target, modules)")

@@ -2,7 +2,10 @@
 
 * tokens ``[B, T, d]`` — units last; pooled over the real (unmasked) tokens;
 * already pooled ``[B, d]``;
-* conv maps ``[B, C, H, W]`` — units on axis 1 (channels); pooled over H×W.
+* conv maps ``[B, C, H, W]`` — units on axis 1 (channels); pooled over H×W; a map acts on each
+  channel's spatial mean by default (the paper's rule, ``spatial="mean"``) or on every pixel
+  (``spatial="pixel"``);
+* image tokens ``[B, N, d]`` of a diffusion transformer — like tokens, every position real.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import torch
 from torch import Tensor
 
 from ..errors import MapFormatError, ModuleMatchError
-from ..transport.maps import ModuleMap, apply_units
+from ..transport.maps import ModuleMap, apply_units, spatial_mean_shift
 
-__all__ = ["POOLINGS", "apply_map", "pool", "unit_axis"]
+__all__ = ["POOLINGS", "SPATIAL", "apply_map", "pool", "unit_axis"]
 
 #: How a module output is pooled into one value per unit and input.
 POOLINGS = ("mean", "last", "max")
+#: How a map acts on a conv feature map: on each channel's spatial mean (the paper) or per pixel.
+SPATIAL = ("mean", "pixel")
 
 
 def unit_axis(x: Tensor) -> int:
@@ -57,8 +62,16 @@ def pool(x: Tensor, mask: Tensor | None, how: str) -> Tensor:
     return x[torch.arange(x.shape[0]), last]
 
 
-def apply_map(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
+def apply_map(x: Tensor, m: ModuleMap, strength: float, spatial: str = "mean") -> Tensor:
     """T_λ(x) = x + λ·(T(x) − x) inside the support, x outside, on the units of ``x``'s layout.
+
+    Args:
+        x: ``[B, T, d]``, ``[B, d]`` or ``[B, C, H, W]``.
+        m: the map (without a step axis).
+        strength: λ.
+        spatial: for a conv map, ``mean`` shifts each channel by λ·(T(μ) − μ) with μ its spatial
+            mean, the support tested on μ (:func:`~acttransport.transport.spatial_mean_shift`);
+            ``pixel`` maps every pixel on its own. Ignored for other layouts.
 
     Raises:
         MapFormatError: the map's width differs from the output's number of units.
@@ -66,4 +79,6 @@ def apply_map(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
     axis = unit_axis(x)
     if x.shape[axis] != m.width:
         raise MapFormatError(f"map has width {m.width} but the module output has {x.shape[axis]} units on axis {axis}; the map belongs to another model")
+    if x.ndim == 4 and spatial == "mean":
+        return spatial_mean_shift(x, m, strength)
     return apply_units(x.movedim(axis, -1), m, strength).movedim(-1, axis)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
@@ -16,7 +17,43 @@ from torch import Tensor, nn
 from ..errors import MapFormatError, ModuleMatchError
 from .presets import resolve
 
-__all__ = ["add_hooks", "declared_width", "get_module", "match_modules", "pick_output", "remove_hooks", "replace_output", "split_spec"]
+__all__ = [
+    "DENOISERS", "add_hooks", "declared_width", "denoiser_name", "get_module", "match_modules", "module_tree", "pick_output",
+    "remove_hooks", "replace_output", "split_spec",
+]
+
+#: Pipeline components that run once per denoising step, in the order they are looked for.
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+
+
+def denoiser_name(pipe: Any) -> str | None:
+    """The component of a diffusers pipeline that runs once per step (``unet``, ``transformer``, ...)."""
+    comps = getattr(pipe, "components", None) or {}
+    return next((n for n in DENOISERS if isinstance(comps.get(n), nn.Module)), None)
+
+
+def module_tree(obj: Any) -> nn.Module:
+    """The ``nn.Module`` whose ``named_modules()`` module specs address.
+
+    A module is its own tree. A diffusers pipeline (anything with a ``components`` dict) becomes
+    an ``nn.ModuleDict`` of its module components, so names carry the component as a prefix
+    (``unet.mid_block.resnets.0.norm2``, ``transformer.transformer_blocks.0:1``); its
+    ``config.model_type`` is the denoiser's class name (for presets). Hooks registered through
+    it sit on the pipeline's own modules.
+
+    Raises:
+        ModuleMatchError: ``obj`` is neither.
+    """
+    if isinstance(obj, nn.Module):
+        return obj
+    comps = getattr(obj, "components", None)
+    if isinstance(comps, dict):
+        tree = nn.ModuleDict({k: v for k, v in comps.items() if isinstance(v, nn.Module)})
+        den = denoiser_name(obj)
+        tree.config = SimpleNamespace(model_type=type(comps[den]).__name__ if den else type(obj).__name__,
+                                      _name_or_path=getattr(obj, "name_or_path", None))
+        return tree
+    raise ModuleMatchError(f"cannot look for modules in a {type(obj).__name__}: give a torch.nn.Module or a diffusers pipeline")
 
 
 def split_spec(spec: str) -> tuple[str, int | None]:
@@ -30,7 +67,7 @@ def match_modules(model: nn.Module, patterns: str | Sequence[str] | None) -> lis
     """Dry run: the module specs that one or several patterns select, in ``named_modules`` order.
 
     Args:
-        model: any ``torch.nn.Module``.
+        model: any ``torch.nn.Module``, or a diffusers pipeline (names prefixed by the component).
         patterns: regex (full match) with an optional ``:k`` suffix, or a list of them; a
             name starting with ``@`` is a preset for the architecture; None: the
             architecture's default preset.
@@ -38,6 +75,7 @@ def match_modules(model: nn.Module, patterns: str | Sequence[str] | None) -> lis
     Raises:
         ModuleMatchError: a pattern is not a valid regex or matches nothing (near matches shown).
     """
+    model = module_tree(model)
     if isinstance(patterns, str):
         patterns = [patterns]
     if patterns is not None and not patterns:
@@ -68,13 +106,14 @@ def match_modules(model: nn.Module, patterns: str | Sequence[str] | None) -> lis
     return sorted(found, key=lambda s: order[split_spec(s)[0]])
 
 
-def get_module(model: nn.Module, spec: str) -> nn.Module:
-    """The submodule a spec names.
+def get_module(model: Any, spec: str) -> nn.Module:
+    """The submodule a spec names (in a module or a pipeline, see :func:`module_tree`).
 
     Raises:
         MapFormatError: no such module (near names shown).
     """
     name, _ = split_spec(spec)
+    model = module_tree(model)
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -119,12 +158,13 @@ def replace_output(output: Any, spec: str, new: Tensor) -> Any:
     return type(output)(items) if isinstance(output, tuple) else items
 
 
-def add_hooks(model: nn.Module, specs: Sequence[str], make: Callable[[str], Callable]) -> list:
+def add_hooks(model: Any, specs: Sequence[str], make: Callable[[str], Callable]) -> list:
     """Registers one forward hook per spec (on the module it names); returns the handles.
 
     ``make(spec)`` builds the hook of a spec. If one registration fails, the ones made are removed.
     """
     handles = []
+    model = module_tree(model)
     try:
         for spec in specs:
             handles.append(get_module(model, spec).register_forward_hook(make(spec)))

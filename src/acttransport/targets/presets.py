@@ -32,18 +32,39 @@ _GEMMA = {
     "attn-out": _L + r"self_attn\.o_proj",
 }
 
+# Diffusion pipelines: names carry the component prefix (see targets.names.module_tree); the
+# key is the denoiser's class name.
+_UNET_BLOCKS = r"unet\.((down|up)_blocks\.\d+|mid_block)\."
+_UNET = {
+    "all-norms": _UNET_BLOCKS + r"(resnets\.\d+\.norm[12]|attentions\.\d+\.norm)|unet\.conv_norm_out",  # every GroupNorm
+    "resnet-norms": _UNET_BLOCKS + r"resnets\.\d+\.norm[12]",
+    "attn-norms": _UNET_BLOCKS + r"attentions\.\d+\.transformer_blocks\.\d+\.norm[123]",  # LayerNorms on image tokens
+}
+_SD3 = {"blocks": r"transformer\.transformer_blocks\.\d+:1", "ff-norms": r"transformer\.transformer_blocks\.\d+\.norm2"}
+_FLUX = {"blocks": r"transformer\.(transformer_blocks|single_transformer_blocks)\.\d+:1",
+         "double-blocks": r"transformer\.transformer_blocks\.\d+:1"}
+_PIXART = {"blocks": r"transformer\.transformer_blocks\.\d+", "all-norms": r"transformer\.transformer_blocks\.\d+\.norm[12]"}
+
 PRESETS: dict[str, dict[str, str]] = {
     "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER,
     "gemma3_text": _GEMMA, "gemma3": _GEMMA, "gemma2": _GEMMA,
+    "UNet2DConditionModel": _UNET, "SD3Transformer2DModel": _SD3, "FluxTransformer2DModel": _FLUX,
+    "PixArtTransformer2DModel": _PIXART,
 }
 
 #: The preset used when no module pattern is given, per architecture: the module set the
 #: project's own results show to work (docs/RESULTS.md): on SmolLM2 (llama) the
 #: post-attention norms alone moved nothing measurable while all norms cut toxicity 11×; on
 #: Gemma-3 the post-norms cut it 5.7× at a lower fluency cost than all four norms.
+#: For UNets (SD 1.x/2.x, SDXL and the toy model) every GroupNorm output: on the toy model
+#: these moved the style while the transformer-block outputs did not (docs/RESULTS.md). For
+#: the diffusion transformers the image-stream outputs of the blocks (not measured here: no
+#: such weights can be had offline).
 DEFAULT_PRESETS: dict[str, str] = {
     "llama": "all-norms", "mistral": "all-norms", "qwen2": "all-norms", "qwen3": "all-norms",
     "gemma3_text": "post-norms", "gemma3": "post-norms", "gemma2": "post-norms",
+    "UNet2DConditionModel": "all-norms", "SD3Transformer2DModel": "blocks", "FluxTransformer2DModel": "blocks",
+    "PixArtTransformer2DModel": "blocks",
 }
 
 

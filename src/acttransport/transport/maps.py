@@ -3,7 +3,8 @@
 A :class:`ModuleMap` holds, for the d units of one hooked output, an affine map
 ``a -> scale * a + shift`` (or a monotone piecewise-linear map through knots) and the support
 bounds inside which it applies. Applying it at strength λ is T_λ(a) = a + λ·(T(a) − a) inside
-``lower < a < upper``, identity outside.
+``lower < a < upper``, identity outside. A map may also hold one such map per denoising step
+(a leading step axis S): :meth:`ModuleMap.at` picks one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..errors import MapFormatError
 
-__all__ = ["ModuleMap", "apply_units", "piecewise_linear"]
+__all__ = ["ModuleMap", "apply_units", "piecewise_linear", "spatial_mean_shift"]
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,15 @@ class ModuleMap:
     """The map of one hooked output. Inside ``lower < a < upper`` unit j maps
     ``a -> scale[j] * a + shift[j]`` (affine), or through the knots (piecewise linear).
 
+    With a step axis (one map per denoising step) every tensor gains a leading axis of size S.
+
     Attributes:
-        scale: ``[d]`` float32.
-        shift: ``[d]`` float32.
-        lower: ``[d]`` float32, may be ``-inf``.
-        upper: ``[d]`` float32, may be ``+inf``.
-        knots_x: ``[K, d]`` increasing source knots, or None for an affine map.
-        knots_y: ``[K, d]`` non-decreasing target knots, or None.
+        scale: ``[d]`` (or ``[S, d]``) float32.
+        shift: ``[d]`` (or ``[S, d]``) float32.
+        lower: ``[d]`` (or ``[S, d]``) float32, may be ``-inf``.
+        upper: ``[d]`` (or ``[S, d]``) float32, may be ``+inf``.
+        knots_x: ``[K, d]`` (or ``[S, K, d]``) increasing source knots, or None for an affine map.
+        knots_y: ``[K, d]`` (or ``[S, K, d]``) non-decreasing target knots, or None.
     """
 
     scale: Tensor
@@ -40,11 +43,12 @@ class ModuleMap:
     knots_y: Tensor | None = None
 
     def __post_init__(self) -> None:
-        d = self.scale.shape[0] if isinstance(self.scale, Tensor) and self.scale.ndim == 1 else -1
+        ok = isinstance(self.scale, Tensor) and self.scale.ndim in (1, 2) and self.scale.numel() > 0
+        shape = tuple(self.scale.shape) if ok else ("d",)
         for name in ("scale", "shift", "lower", "upper"):
             t = getattr(self, name)
-            if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] != d:
-                raise MapFormatError(f"{name} must be a 1-D tensor of width {d}, got {getattr(t, 'shape', t)}")
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.ndim not in (1, 2):
+                raise MapFormatError(f"{name} must be a [d] (or [steps, d]) tensor of shape {shape}, got {getattr(t, 'shape', t)}")
         if not (torch.isfinite(self.scale).all() and torch.isfinite(self.shift).all()):
             raise MapFormatError("scale and shift must be finite")
         if self.lower.isnan().any() or self.upper.isnan().any() or (self.lower > self.upper).any():
@@ -53,17 +57,23 @@ class ModuleMap:
             raise MapFormatError("knots_x and knots_y must be given together")
         if self.knots_x is not None:
             kx, ky = self.knots_x, self.knots_y
-            if kx.ndim != 2 or kx.shape != ky.shape or kx.shape[1] != d or kx.shape[0] < 2:
-                raise MapFormatError(f"knots must both be [K>=2, {d}], got {tuple(kx.shape)} and {tuple(ky.shape)}")
+            lead, d = shape[:-1], shape[-1]
+            if kx.ndim != len(shape) + 1 or kx.shape != ky.shape or tuple(kx.shape[:-2]) != lead or kx.shape[-1] != d or kx.shape[-2] < 2:
+                raise MapFormatError(f"knots must both be [{'S, ' if lead else ''}K>=2, {d}], got {tuple(kx.shape)} and {tuple(ky.shape)}")
             if not (torch.isfinite(kx).all() and torch.isfinite(ky).all()):
                 raise MapFormatError("knots must be finite")
-            if (kx[1:] < kx[:-1]).any() or (ky[1:] < ky[:-1]).any():
+            if (kx.diff(dim=-2) < 0).any() or (ky.diff(dim=-2) < 0).any():
                 raise MapFormatError("knots_x and knots_y must be non-decreasing along K (a monotone map)")
 
     @property
     def width(self) -> int:
         """d, the number of units."""
-        return int(self.scale.shape[0])
+        return int(self.scale.shape[-1])
+
+    @property
+    def steps(self) -> int | None:
+        """S for a map with one map per denoising step, None for one map shared by every call."""
+        return int(self.scale.shape[0]) if self.scale.ndim == 2 else None
 
     @property
     def kind(self) -> str:
@@ -77,14 +87,40 @@ class ModuleMap:
             out.update(knots_x=self.knots_x, knots_y=self.knots_y)
         return out
 
+    def at(self, step: int) -> "ModuleMap":
+        """The map applied at denoising step ``step`` (a map without a step axis applies at every step).
+
+        Raises:
+            MapFormatError: ``step`` is outside the map's S steps.
+        """
+        if self.steps is None:
+            return self
+        if not 0 <= step < self.steps:
+            raise MapFormatError(f"this map holds {self.steps} denoising steps; step {step} has no map (run with the same number of steps)")
+        return ModuleMap(**{k: t[step] for k, t in self.tensors().items()})
+
+    @staticmethod
+    def stack(maps: "list[ModuleMap]") -> "ModuleMap":
+        """One map per step (each without a step axis, same width and kind) → a map with a step axis."""
+        kinds = {m.kind for m in maps}
+        if not maps or len(kinds) != 1 or any(m.steps is not None for m in maps):
+            raise MapFormatError("stack needs a non-empty list of maps of one kind, none of them with a step axis")
+        return ModuleMap(**{k: torch.stack([m.tensors()[k] for m in maps]) for k in maps[0].tensors()})
+
+    def _single(self) -> None:
+        if self.steps is not None:
+            raise MapFormatError(f"this map holds {self.steps} denoising steps; pick one with .at(step)")
+
     def transport(self, a: Tensor) -> Tensor:
         """T(a) with no support and λ=1. ``a``: ``[..., d]``; returns the same shape."""
+        self._single()
         if self.knots_x is None:
             return a * self.scale.to(a) + self.shift.to(a)
         return piecewise_linear(a, self.knots_x.to(a), self.knots_y.to(a))
 
     def delta(self, a: Tensor) -> Tensor:
         """T(a) − a, zero outside the support. ``a``: ``[..., d]``."""
+        self._single()
         if self.knots_x is None:
             d = a * (self.scale.to(a) - 1) + self.shift.to(a)
         else:
@@ -93,7 +129,7 @@ class ModuleMap:
         return torch.where(inside, d, torch.zeros_like(d))
 
     def interpolate(self, strength: float) -> "ModuleMap":
-        """T_λ = (1−λ)·id + λ·T as a map of its own (same support)."""
+        """T_λ = (1−λ)·id + λ·T as a map of its own (same support; per step for a stepped map)."""
         lam = float(strength)
         kx = self.knots_x
         ky = None if kx is None else (1 - lam) * kx + lam * self.knots_y
@@ -115,6 +151,30 @@ def apply_units(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
         raise MapFormatError(f"map has width {m.width} but the output has {x.shape[-1]} units; the map belongs to another model")
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     return (work + strength * m.delta(work)).to(x.dtype)
+
+
+def spatial_mean_shift(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
+    """The paper's rule for feature maps: shift each channel of each image by λ·(T(μ) − μ),
+    with μ the channel's spatial mean and the support tested on μ (the map acts on the pooled
+    value it was fitted on; the spatial pattern around the mean is kept).
+
+    Args:
+        x: ``[B, C, H, W]`` (or any ``[B, C, *spatial]``) activations; C = the map's width.
+        m: the map.
+        strength: λ.
+
+    Returns:
+        ``x + λ·delta(μ)`` broadcast over the spatial axes, in x's dtype (computed in ≥ float32).
+
+    Raises:
+        MapFormatError: C is not the map's width.
+    """
+    if x.ndim < 3 or x.shape[1] != m.width:
+        raise MapFormatError(f"map has width {m.width} but the feature map has {x.shape[1] if x.ndim > 1 else '?'} channels; the map belongs to another model")
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mu = work.flatten(2).mean(-1)  # [B, C]
+    shift = strength * m.delta(mu)  # [B, C]
+    return (work + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))).to(x.dtype)
 
 
 def piecewise_linear(a: Tensor, kx: Tensor, ky: Tensor) -> Tensor:

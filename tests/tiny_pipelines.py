@@ -1,0 +1,79 @@
+"""Tiny randomly initialised diffusers pipelines of the real classes, built in milliseconds:
+Stable Diffusion (UNet2DConditionModel + AutoencoderKL + CLIP) and Stable Diffusion 3
+(SD3Transformer2DModel, dual-stream blocks, two CLIP encoders, no T5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "an", "red", "blue", "green", "circle", "square", "triangle", "striped", "dotted", "plain", "style", "photo", "of", "cat", "dog"]
+
+
+def clip_tokenizer(folder: Path):
+    """A CLIPTokenizer over a hand-written vocabulary (no merges: words split into letters)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz,.":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=48)
+
+
+def _clip(tok, seed: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=48, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
+                         norm_num_groups=4, sample_size=16, layers_per_block=1, shift_factor=0.0, scaling_factor=1.0).eval()
+
+
+def tiny_sd(folder: Path, seed: int = 0):
+    """A StableDiffusionPipeline with an 8×8-latent UNet (2 blocks, 19 GroupNorms); images 16×16."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tok = clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                layers_per_block=1, attention_head_dim=4, norm_num_groups=4, cross_attention_dim=16).eval()
+    sched = DDIMScheduler(clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_clip(tok, seed + 2), tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3(folder: Path, seed: int = 0):
+    """A StableDiffusion3Pipeline with a 2-block SD3Transformer2DModel (blocks return (text, image) tuples)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok = clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                               joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                               pos_embed_max_size=16).eval()
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 1),
+                                    text_encoder=_clip(tok, seed + 2, True), tokenizer=tok, text_encoder_2=_clip(tok, seed + 3, True),
+                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SIZE = {"height": 16, "width": 16}
