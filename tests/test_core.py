@@ -459,3 +459,21 @@ def test_pooling_ignores_non_finite_values_at_padding():
     for how in ("mean", "max", "last"):
         torch.testing.assert_close(pool(junk, mask, how), pool(x, mask, how))
     torch.testing.assert_close(pool(x, mask, "mean"), torch.stack([x[0, :3].mean(0), x[1, 1:].mean(0)]))
+
+
+def test_source_only_causal_estimation_aims_every_module_at_the_unsteered_target(llama, tok, texts):
+    """condition='source': each module is fitted on source activations with the earlier maps
+    applied and on UNSTEERED target activations, so in sample (support all) the steered
+    source's pooled means equal the unsteered target's at every module."""
+    src, tgt = texts
+    pattern = r"model\.layers\.\d\.(input_layernorm|post_attention_layernorm)"
+    tmap = est(llama, tok, texts, pattern, support="all", condition="source")
+    b = at.collect(llama, tok, tgt, pattern, progress=False)
+    with at.steer(llama, tmap, 1.0):
+        moved = at.collect(llama, tok, src, pattern, progress=False)
+    for m in tmap.modules:
+        torch.testing.assert_close(moved[m].mean(0), b[m].mean(0), rtol=1e-4, atol=1e-5)
+    both = est(llama, tok, texts, pattern, support="all")  # the default: the target drifts with the earlier maps
+    with at.steer(llama, both, 1.0):
+        drift = at.collect(llama, tok, src, pattern, progress=False)
+    assert max(float((drift[m].mean(0) - b[m].mean(0)).abs().max()) for m in both.modules[1:]) > 1e-3

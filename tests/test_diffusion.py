@@ -75,6 +75,23 @@ def test_estimate_save_load_steer_on_a_unet_pipeline(sd, sd_map, tmp_path):
     assert no_hooks(sd) and torch.equal(images(sd), base)
 
 
+def test_source_only_causal_maps_land_every_site_on_the_unsteered_target(sd):
+    """In sample, with condition='source', support 'all' and the same seeds, the steered
+    source's pooled means equal the UNSTEERED target's at every module and step (with
+    condition='both' the target itself drifts through the earlier maps, and they do not)."""
+    fit_runner = lambda seed: DiffusionRunner(sd, num_inference_steps=STEPS, guidance_scale=3.0, batch_size=12, seed=seed, **SIZE)  # noqa: E731
+    src, tgt = SRC, TGT
+    worst = {}
+    for condition in ("source", "both"):
+        tmap = at.estimate(fit_runner(0), source=src, target=tgt, modules="@all-norms", support="all", condition=condition, progress=False)
+        assert tmap.config.condition == condition
+        target = at.collect(fit_runner(len(src)), texts=tgt, modules=tmap.modules, progress=False)  # the target rows' seeds
+        with at.steer(sd, tmap, 1.0):
+            moved = at.collect(fit_runner(0), texts=src, modules=tmap.modules, progress=False)
+        worst[condition] = max(float((moved[m][:, k].mean(0) - target[m][:, k].mean(0)).abs().max()) for m in tmap.modules for k in range(STEPS))
+    assert worst["source"] < 1e-5 < 1e-2 < worst["both"]
+
+
 def test_per_step_maps_act_at_their_own_step_only(sd):
     """A map that is the identity at every step but one changes the module's output at that
     step, and at no step before it."""

@@ -53,6 +53,8 @@ class TransportConfig:
         version: the library version that made the map.
         spatial: how the maps act on conv feature maps (``mean`` or ``pixel``; maps of
             format 1 acted per pixel).
+        condition: with causal estimation, whether both sets or only the source went
+            through the earlier maps.
         steps: for a diffusion model, how the maps relate to denoising steps (``each``,
             ``first``, ``all``); None for a model whose modules run once per call.
         timesteps: with ``steps="each"``, the denoiser's timestep at each step of the fitted
@@ -77,6 +79,7 @@ class TransportConfig:
     notes: tuple[str, ...] = ()
     version: str = __version__
     spatial: str = "mean"
+    condition: str = "both"
     steps: str | None = None
     timesteps: tuple[float, ...] = ()
     denoiser: str | None = None

@@ -20,10 +20,12 @@ from .methods import METHODS, MethodInfo, method_info
 from .targets.layouts import POOLINGS, SPATIAL
 from .transport.support import parse_support
 
-__all__ = ["STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+__all__ = ["CONDITIONS", "STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
 
 #: How a diffusion model's modules, which run once per denoising step, get their maps.
 STEPS = ("each", "first", "all")
+#: Which set causal estimation pushes through the earlier maps.
+CONDITIONS = ("both", "source")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -43,6 +45,9 @@ class FitOptions:
             ``quantile:Q``.
         pooling: ``mean`` (over tokens), ``last`` or ``max``; None: the method's own default.
         causal: fit module k with the maps of modules 0..k−1 applied.
+        condition: with ``causal``, which set the earlier maps are applied to: ``both`` (the
+            target drifts with them, as in the reference implementation) or ``source`` (the
+            target stays unsteered, so every map aims at the real target).
         batch_size: sentences (prompts) per forward pass.
         max_length: tokens kept per sentence.
         seed: seed of the subsample that balances source and target counts.
@@ -60,6 +65,8 @@ class FitOptions:
     support: str = _opt("observed", "where the map applies: observed (the source's min/max, the paper's Q_o) | all | quantile:Q")
     pooling: str | None = _opt(None, "pooling over tokens; default: the method's own", choices="poolings")
     causal: bool = _opt(True, "fit all modules on unsteered activations (faster, less accurate)", negate="--no-causal")
+    condition: str = _opt("both", "causal estimation: push both sets through the earlier maps (both, as the reference does) "
+                                  "or only the source set, the target staying unsteered (source)", choices="condition")
     batch_size: int = _opt(32, "sentences per forward pass")
     max_length: int = _opt(64, "tokens kept per sentence")
     seed: int = _opt(0, "seed of the subsample that balances source and target")
@@ -96,6 +103,8 @@ class FitOptions:
             raise ConfigError(f"method_options must be a mapping of option names to values, got {self.method_options!r}")
         object.__setattr__(self, "method_options", dict(self.method_options))
         info.check_options(self.method_options)
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"unknown condition {self.condition!r}; choose one of: {', '.join(CONDITIONS)}")
         if self.steps not in STEPS:
             raise ConfigError(f"unknown steps {self.steps!r}; choose one of: {', '.join(STEPS)}")
         if self.spatial not in SPATIAL:
@@ -172,8 +181,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
             kw["nargs"] = meta["nargs"]
         if meta.get("choices") == "methods":
             kw["choices"] = list(METHODS)
-        elif meta.get("choices") in ("poolings", "steps", "spatial"):
-            kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL}[meta["choices"]])
+        elif meta.get("choices") in ("poolings", "steps", "spatial", "condition"):
+            kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL, "condition": CONDITIONS}[meta["choices"]])
         elif isinstance(f.default, int) and not isinstance(f.default, bool):
             kw["type"] = int
         parser.add_argument(_flag(f), **kw)

@@ -33,6 +33,14 @@ class _Abort(Exception):
     """Unwinds a suspended forward pass."""
 
 
+def _row_mask(rows: Sequence[int], source_rows: int, x: Tensor) -> Tensor:
+    """Broadcastable bool mask over x's batch axis: True on the source rows of the batch."""
+    mask = torch.tensor([r < source_rows for r in rows], device=x.device)
+    if x.shape[0] % len(rows):
+        raise ModuleMatchError(f"an output has batch {x.shape[0]} for {len(rows)} inputs; cannot tell source rows from target rows")
+    return mask.repeat(x.shape[0] // len(rows)).reshape(-1, *([1] * (x.ndim - 1)))
+
+
 def fit_causal_one_pass(
     runner: Runner,
     batches: Sequence[Batch],
@@ -41,6 +49,7 @@ def fit_causal_one_pass(
     fit_fn: Callable[[Site, Tensor], ModuleMap],
     progress: Callable[[Site], None] | None = None,
     spatial: str = "mean",
+    source_rows: int | None = None,
 ) -> dict[Site, ModuleMap]:
     """Fits one map per site, causally, with one forward call per batch.
 
@@ -52,6 +61,10 @@ def fit_causal_one_pass(
         fit_fn: ``(site, pooled [n, d] in row order) -> ModuleMap``.
         progress: called with each site once it is fitted.
         spatial: how a fitted map acts on a conv feature map (see :func:`~acttransport.targets.apply_map`).
+        source_rows: if given, only inputs at positions ``< source_rows`` (the source set) pass
+            through the fitted maps; the others (the target set) stay unsteered. An output with
+            k·B rows for a batch of B inputs (classifier-free guidance: k = 2) repeats the
+            batch's rows k times.
 
     Returns:
         ``{site: ModuleMap}`` in execution order.
@@ -79,7 +92,10 @@ def fit_causal_one_pass(
             go[bi].acquire()
             if state["abort"] or site == last:
                 raise _Abort  # nothing after the last site is needed
-            return replace_output(output, spec, apply_map(x, fitted[site], 1.0, spatial))
+            new = apply_map(x, fitted[site], 1.0, spatial)
+            if source_rows is not None:
+                new = torch.where(_row_mask(batches[bi].rows, source_rows, x), new, x)
+            return replace_output(output, spec, new)
 
         return hook
 

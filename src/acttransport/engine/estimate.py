@@ -95,7 +95,7 @@ def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOpt
     if opts.causal:
         with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit="site", disable=not progress) as bar:
             fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit, progress=lambda site: bar.update(1),
-                                spatial=opts.spatial)
+                                spatial=opts.spatial, source_rows=len(texts) // 2 if opts.condition == "source" else None)
     else:
         acts = collect_sites(runner, texts, sites, pool_how, stop_after=sites[-1], progress=progress)
         for site in sites:
@@ -117,6 +117,8 @@ def _fit_pooled_steps(runner: Runner, texts: list[str], sites: list[Site], n: in
     if not opts.causal:
         acts = collect_sites(runner, texts, sites, pool_how, progress=progress)
         return {spec: fit(spec, pooled(acts, spec)) for spec in specs}
+    if opts.condition == "source":
+        raise ConfigError("steps='all' with causal estimation conditions both sets; use condition='both' or steps='each'")
     for spec in tqdm(specs, desc=f"fit {opts.method} (causal, one pass per module)", unit="module", disable=not progress):
         mine = [site for site in sites if site[0] == spec]
         with _applied(runner.model, dict(fitted), opts.spatial):
@@ -135,6 +137,7 @@ def estimate(
     support: str | None = None,
     pooling: str | None = None,
     causal: bool | None = None,
+    condition: str | None = None,
     batch_size: int | None = None,
     max_length: int | None = None,
     seed: int | None = None,
@@ -162,7 +165,7 @@ def estimate(
         target: ``m`` sentences with the behaviour to move towards (the larger set is
             subsampled to the smaller size with ``seed``).
         modules: patterns or specs of the outputs to transport; None: the default preset.
-        method, support, pooling, causal, batch_size, max_length, seed, steps, spatial: see FitOptions.
+        method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial: see FitOptions.
         data: a description of the data, stored in the config.
         progress: show progress bars.
         options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
@@ -174,7 +177,7 @@ def estimate(
     Raises:
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
-    given = dict(method=method, support=support, pooling=pooling, causal=causal, batch_size=batch_size, max_length=max_length, seed=seed,
+    given = dict(method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
                  steps=steps, spatial=spatial)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
@@ -228,7 +231,7 @@ def estimate(
     cfg = TransportConfig(
         method=opts.method, support=opts.support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
         model=runner.model_id, n_samples=n, seed=opts.seed, data=data, options=dict(opts.method_options), notes=tuple(notes),
-        spatial=opts.spatial, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
+        spatial=opts.spatial, condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
         denoiser=getattr(runner, "denoiser", None), runner=dict(getattr(runner, "settings", {}) or {}),
     )
     return TransportMap(fitted, cfg)

@@ -36,7 +36,7 @@ def fit_config(fit: FitOptions) -> dict[str, Any]:
     """The fitting options a sweep config records (the method varies per cell, the seed is the task's)."""
     d = fit.describe()
     return {"modules": d["modules"], "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
-            "batch_size": d["batch_size"], "max_length": d["max_length"]}
+            "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"]}
 
 
 def fitter(model: nn.Module, tokenizer: Any, source: Sequence[str], target: Sequence[str], fit: FitOptions, seed: int,
