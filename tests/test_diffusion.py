@@ -14,7 +14,7 @@ from acttransport.errors import ConfigError, MapFormatError
 from acttransport.runners import DiffusionRunner
 from acttransport.targets import add_hooks, pick_output, remove_hooks
 from acttransport.transport import ModuleMap
-from tiny_pipelines import SIZE, tiny_sd, tiny_sd3
+from tiny_pipelines import SIZE, tiny_sd, tiny_sd3, tiny_sdxl
 
 SRC = ["a red circle", "a red square", "a blue circle", "a green triangle", "a cat", "a dog"]
 TGT = [p + " striped style" for p in SRC]
@@ -192,3 +192,42 @@ def test_modules_outside_the_denoiser_are_refused_with_a_clear_error(sd):
         at.estimate(runner(sd), source=SRC, target=TGT, modules=["unet.conv_norm_out", "text_encoder.final_layer_norm"], progress=False)
     with pytest.raises(ConfigError, match="brings its own tokenizer"):
         at.estimate(sd, sd.tokenizer, SRC, TGT, "unet.conv_norm_out")
+
+
+def test_sdxl_with_a_stateful_scheduler_fits_the_same_maps_however_the_batches_interleave(tmp_path):
+    """SDXL's Euler scheduler counts its steps; causal estimation runs every batch's pipeline
+    call in its own thread, interleaved site by site, so each call gets its own scheduler copy:
+    one batch of 12 or 12 batches of 1 give the same per-step maps."""
+    pipe = tiny_sdxl(tmp_path)
+    maps = [at.estimate(DiffusionRunner(pipe, num_inference_steps=STEPS, guidance_scale=3.0, batch_size=bs, **SIZE), source=SRC, target=TGT,
+                        support="all", progress=False) for bs in (12, 1)]
+    assert sorted(maps[0].modules) == sorted(at.match_modules(pipe, "@all-norms")) and maps[0].config.runner["pipeline"] == "StableDiffusionXLPipeline"
+    for name in maps[0].modules:
+        torch.testing.assert_close(maps[0].maps[name].shift, maps[1].maps[name].shift, rtol=1e-3, atol=1e-4)
+    base = images(pipe)
+    with at.steer(pipe, maps[0], 0.0):
+        assert torch.equal(images(pipe), base)
+    with at.steer(pipe, maps[0], 1.0):
+        assert not torch.equal(images(pipe), base)
+
+
+def test_cli_fit_images_and_modules_on_a_saved_pipeline(sd, tmp_path, capsys):
+    from acttransport import cli
+
+    folder = tmp_path / "sd"
+    sd.save_pretrained(folder)  # a real diffusers folder: model_index.json + components
+    (tmp_path / "src.txt").write_text("\n".join(SRC) + "\n")
+    (tmp_path / "tgt.txt").write_text("\n".join(TGT) + "\n")
+    size = ["--height", "16", "--width", "16", "--num-inference-steps", str(STEPS)]
+    assert cli.main(["modules", str(folder), "unet.conv_norm_out"]) == 0
+    assert "unet.conv_norm_out" in capsys.readouterr().out
+    rc = cli.main(["fit", str(folder), "--source", str(tmp_path / "src.txt"), "--target", str(tmp_path / "tgt.txt"),
+                   "--modules", "@resnet-norms", "--support", "all", "-o", str(tmp_path / "map"), *size])
+    assert rc == 0 and "step(s) x 3" in capsys.readouterr().out
+    tmap = at.load(tmp_path / "map", model=sd)
+    assert tmap.config.model == str(folder) and all(m.steps == STEPS for m in tmap.maps.values())
+    rc = cli.main(["images", str(folder), "--map", str(tmp_path / "map"), "--prompt", "a red circle", "--per-prompt", "2",
+                   "--strengths", "0,1", "-o", str(tmp_path / "grid.png"), *size])
+    assert rc == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    rc = cli.main(["fit", str(folder), "--data", "toxicity", "-o", str(tmp_path / "x")])
+    assert rc == 2 and "--source FILE and --target FILE" in capsys.readouterr().err

@@ -371,7 +371,7 @@ def test_cli_parser():
     a = p.parse_args(["sweep", "toxicity", "--strengths", "0,1", "caa=0,2,4", "--ppl-model", "none"])
     assert strengths_arg(a.strengths) == {"*": [0.0, 1.0], "caa": [0.0, 2.0, 4.0]} and a.ppl_model == "none"
     e = p.parse_args(["eval", "truthfulness", "--modules", "model.layers.0.mlp"])
-    assert strengths_arg(e.strengths) == [0.0, 1.0] and e.methods == ["linear", "mean"] and e.modules == ["model.layers.0.mlp"]
+    assert strengths_arg(e.strengths) == [0.0, 1.0] and e.methods is None and e.modules == ["model.layers.0.mlp"]  # None: the task's default
     assert e.func.__name__ == "cmd_eval"
     c = p.parse_args(["sweep", "concept", "--concepts", "football,kite", "--n-generations", "8"])
     assert c.concepts == ["football", "kite"] and c.n_generations == 8 and c.strengths is None and c.support is None

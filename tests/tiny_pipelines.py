@@ -77,3 +77,20 @@ def tiny_sd3(folder: Path, seed: int = 0):
 
 
 SIZE = {"height": 16, "width": 16}
+
+
+def tiny_sdxl(folder: Path, seed: int = 0):
+    """A StableDiffusionXLPipeline: two CLIP encoders (the second with projection), a UNet with
+    SDXL's text-time conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                layers_per_block=1, attention_head_dim=4, norm_num_groups=4, cross_attention_dim=32,
+                                addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16).eval()
+    pipe = StableDiffusionXLPipeline(vae=_vae(seed + 1), text_encoder=_clip(tok, seed + 2), text_encoder_2=_clip(tok, seed + 3, True),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,10 +1,11 @@
-"""Embedded offline assets: models (aliases, GGUF conversion, cache) and data sets, apart."""
+"""Embedded offline assets: models (aliases, GGUF conversion, cache), text-to-image pipelines and data sets, apart."""
 
 from .datasets import DATASETS, PairData, load_clean_text, load_insults, load_pair_dataset, load_rtp_prompts, load_truthful_pairs
 from .files import asset_dir, asset_file, cache_dir
 from .models import EMBEDDED_MODELS, EmbeddedModel, check_installed, gguf_path, load_model
+from .pipelines import PIPELINE_ALIASES, is_pipeline_name, load_pipeline
 
 __all__ = [
     "DATASETS", "EMBEDDED_MODELS", "EmbeddedModel", "PairData", "asset_dir", "asset_file", "cache_dir", "check_installed",
-    "gguf_path", "load_clean_text", "load_insults", "load_model", "load_pair_dataset", "load_rtp_prompts", "load_truthful_pairs",
+    "PIPELINE_ALIASES", "gguf_path", "is_pipeline_name", "load_clean_text", "load_insults", "load_model", "load_pair_dataset", "load_rtp_prompts", "load_pipeline", "load_truthful_pairs",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import DataError
 from ..options import add_fit_arguments, fit_options_from_args
 from .common import MODEL_HELP, load_lm, read_lines, subsample
+from .diffusion import add_runner_arguments, fit_pipeline
 
 __all__ = ["add_core_commands", "cmd_fit", "cmd_generate", "cmd_modules"]
 
@@ -45,10 +46,16 @@ def _describe_shape(output: Any, spec: str) -> str:
 def cmd_modules(a: argparse.Namespace) -> None:
     import torch
 
-    from ..runners import runner_for
-    from ..targets import PRESETS, add_hooks, default_preset, match_modules, model_type, remove_hooks
+    from ..assets import is_pipeline_name, load_pipeline
+    from ..runners import DiffusionRunner, runner_for
+    from ..targets import PRESETS, add_hooks, default_preset, match_modules, model_type, module_tree, remove_hooks
 
-    model, tok = load_lm(a.model)
+    if a.pipeline or is_pipeline_name(a.model):
+        pipe = load_pipeline(a.model)
+        runner, model = DiffusionRunner(pipe, num_inference_steps=2), module_tree(pipe)
+    else:
+        model, tok = load_lm(a.model)
+        runner = runner_for(model, tok)
     specs = match_modules(model, a.patterns or None)
     shapes: dict[str, str] = {}
 
@@ -58,7 +65,6 @@ def cmd_modules(a: argparse.Namespace) -> None:
 
         return hook
 
-    runner = runner_for(model, tok)
     handles = add_hooks(model, specs, make)
     try:
         with torch.inference_mode():
@@ -79,6 +85,10 @@ def cmd_fit(a: argparse.Namespace) -> None:
     from ..targets import default_preset
 
     opts = fit_options_from_args(a)  # bad options fail before the slow model load
+    from ..assets import is_pipeline_name
+
+    if a.pipeline or is_pipeline_name(a.model):
+        return fit_pipeline(a, opts)
     if a.data:
         from ..assets import load_pair_dataset
 
@@ -136,16 +146,18 @@ def add_core_commands(sub: Any) -> None:
     m = sub.add_parser("modules", help="list the modules a pattern selects, with their widths (dry run)")
     m.add_argument("model", help=MODEL_HELP)
     m.add_argument("patterns", nargs="*", help="regexes (full match) with optional ':k', or @preset; default: the architecture's preset")
+    m.add_argument("--pipeline", action="store_true", help="MODEL is a diffusers pipeline (automatic for toy-t2i and folders with model_index.json)")
     m.set_defaults(func=cmd_modules)
 
     f = sub.add_parser("fit", help="estimate a transport map from source and target sentences")
-    f.add_argument("model", help=MODEL_HELP)
+    f.add_argument("model", help=MODEL_HELP + "; or a text-to-image pipeline (toy-t2i, a diffusers folder, --pipeline)")
     f.add_argument("-o", "--out", required=True, help="directory to write the map to")
     f.add_argument("--data", help="built-in data set: toxicity (insults → non-insults), toxigen")
     f.add_argument("--source", help="file of source sentences (behaviour to move away from), one per line or .jsonl")
     f.add_argument("--target", help="file of target sentences (behaviour to move towards)")
     f.add_argument("--max-samples", type=int, default=None, help="use at most N sentences per set (seeded subsample)")
     add_fit_arguments(f)
+    add_runner_arguments(f)
     f.set_defaults(func=cmd_fit)
 
     g = sub.add_parser("generate", help="generate continuations side by side at several strengths")

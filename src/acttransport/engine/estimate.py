@@ -93,7 +93,8 @@ def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOpt
                fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> None:
     """Fits every site, causally in one pass per batch or from one plain collection."""
     if opts.causal:
-        with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit="site", disable=not progress) as bar:
+        unit = "site" if any(k for _, k in sites) else "module"  # a site is one call: (module, step) in a diffusion model
+        with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit=unit, disable=not progress) as bar:
             fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit, progress=lambda site: bar.update(1),
                                 spatial=opts.spatial, source_rows=len(texts) // 2 if opts.condition == "source" else None)
     else:

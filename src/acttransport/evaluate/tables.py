@@ -6,6 +6,9 @@
   continuation perplexities, capability; the λ the paper's rule selects (lowest toxic share
   with clean-text perplexity rise < 1) is starred;
 * truthfulness — MC1/MC2 and their per-token variants;
+* style, negation (text-to-image) — the style (or negated concept) share and the judge's
+  probability of it, the attributes kept, the judge's confidence, the similarity to the
+  unsteered twin and the share of valid images;
 * any other sweep — the generic mean ± std table of :func:`markdown_table`.
 """
 
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 from .grid import UNSTEERED
 from .results import select_strength
 
-__all__ = ["markdown_table", "report", "toxic_metric", "toxicity_table", "truthfulness_table"]
+__all__ = ["markdown_table", "report", "t2i_table", "toxic_metric", "toxicity_table", "truthfulness_table"]
 
 
 def markdown_table(results: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
@@ -95,9 +98,26 @@ def truthfulness_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def t2i_table(results: dict[str, Any]) -> str:
+    """Markdown table of a style or negation sweep (percentages; mean ± std over seeds)."""
+    task = results["config"]["task"]
+    goal = results["config"].get("goal", ["", ""])[1]
+    kept = [m for m in results["metrics"] if m.endswith("_kept")]
+    metrics = [f"{task}_share", f"{task}_prob", *kept, "confidence", "twin_similarity", "valid_share"]
+    head = ["method", "λ", "seeds", f"{goal} share %" if task == "style" else f"{goal} left %", f"p({goal}) %",
+            *[f"{k[:-5]} kept %" for k in kept], "judge confidence %", "similarity to λ=0 twin", "valid %"]
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for a in results["aggregates"]:
+        cells = [_fmt(a, m, 1 if m == "twin_similarity" else 100, 3 if m == "twin_similarity" else 1) for m in metrics]
+        lines.append("| " + " | ".join([a["method"], f"{a['strength']:g}", str(a["n_seeds"]), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def report(results: dict[str, Any]) -> str:
     """The task's table (see the module docstring)."""
     task = results.get("config", {}).get("task")
+    if task in ("style", "negation"):
+        return t2i_table(results)
     if task == "toxicity":
         return toxicity_table(results)
     if task == "truthfulness":
