@@ -49,7 +49,7 @@ def runner(pipe, **kw):
 
 @pytest.fixture(scope="module")
 def sd_map(sd):
-    return at.estimate(runner(sd), source=SRC, target=TGT, modules="@all-norms", support="all", progress=False)
+    return at.estimate(runner(sd), source=SRC, target=TGT, modules="@all-norms", support="all", steps="each", progress=False)
 
 
 def test_estimate_save_load_steer_on_a_unet_pipeline(sd, sd_map, tmp_path):
@@ -83,7 +83,8 @@ def test_source_only_causal_maps_land_every_site_on_the_unsteered_target(sd):
     src, tgt = SRC, TGT
     worst = {}
     for condition in ("source", "both"):
-        tmap = at.estimate(fit_runner(0), source=src, target=tgt, modules="@all-norms", support="all", condition=condition, progress=False)
+        tmap = at.estimate(fit_runner(0), source=src, target=tgt, modules="@all-norms", support="all", condition=condition, steps="each",
+                           progress=False)
         assert tmap.config.condition == condition
         target = at.collect(fit_runner(len(src)), texts=tgt, modules=tmap.modules, progress=False)  # the target rows' seeds
         with at.steer(sd, tmap, 1.0):
@@ -176,7 +177,7 @@ def test_shared_maps_apply_at_any_schedule(sd, steps):
 def test_dit_pipeline_with_dual_stream_blocks(sd3):
     names = at.match_modules(sd3, "@blocks")
     assert names == ["transformer.transformer_blocks.0:1", "transformer.transformer_blocks.1:1"]  # image stream of each block
-    tmap = at.estimate(runner(sd3), source=SRC, target=TGT, support="all", progress=False)  # default preset: @blocks
+    tmap = at.estimate(runner(sd3), source=SRC, target=TGT, support="all", steps="each", progress=False)  # default preset: @blocks
     assert tmap.modules == names and tmap.config.denoiser == "transformer" and tmap.maps[names[0]].steps == STEPS
     assert any("@blocks" in n for n in tmap.config.notes)
     base = images(sd3)
@@ -200,8 +201,8 @@ def test_sdxl_with_a_stateful_scheduler_fits_the_same_maps_however_the_batches_i
     one batch of 12 or 12 batches of 1 give the same per-step maps."""
     pipe = tiny_sdxl(tmp_path)
     maps = [at.estimate(DiffusionRunner(pipe, num_inference_steps=STEPS, guidance_scale=3.0, batch_size=bs, **SIZE), source=SRC, target=TGT,
-                        support="all", progress=False) for bs in (12, 1)]
-    assert sorted(maps[0].modules) == sorted(at.match_modules(pipe, "@all-norms")) and maps[0].config.runner["pipeline"] == "StableDiffusionXLPipeline"
+                        support="all", steps="each", progress=False) for bs in (12, 1)]
+    assert sorted(maps[0].modules) == sorted(at.match_modules(pipe, "@norms-cross-attn")) and maps[0].config.runner["pipeline"] == "StableDiffusionXLPipeline"
     for name in maps[0].modules:
         torch.testing.assert_close(maps[0].maps[name].shift, maps[1].maps[name].shift, rtol=1e-3, atol=1e-4)
     base = images(pipe)
@@ -222,7 +223,7 @@ def test_cli_fit_images_and_modules_on_a_saved_pipeline(sd, tmp_path, capsys):
     assert cli.main(["modules", str(folder), "unet.conv_norm_out"]) == 0
     assert "unet.conv_norm_out" in capsys.readouterr().out
     rc = cli.main(["fit", str(folder), "--source", str(tmp_path / "src.txt"), "--target", str(tmp_path / "tgt.txt"),
-                   "--modules", "@resnet-norms", "--support", "all", "-o", str(tmp_path / "map"), *size])
+                   "--modules", "@resnet-norms", "--support", "all", "--steps", "each", "-o", str(tmp_path / "map"), *size])
     assert rc == 0 and "step(s) x 3" in capsys.readouterr().out
     tmap = at.load(tmp_path / "map", model=sd)
     assert tmap.config.model == str(folder) and all(m.steps == STEPS for m in tmap.maps.values())

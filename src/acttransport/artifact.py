@@ -53,6 +53,8 @@ class TransportConfig:
         version: the library version that made the map.
         spatial: how the maps act on conv feature maps (``mean`` or ``pixel``; maps of
             format 1 acted per pixel).
+        halves: with classifier-free guidance, whether the maps act on the conditional half
+            of the denoiser's batch (``cond``) or on both (``both``; maps of format 1).
         condition: with causal estimation, whether both sets or only the source went
             through the earlier maps.
         steps: for a diffusion model, how the maps relate to denoising steps (``each``,
@@ -79,6 +81,7 @@ class TransportConfig:
     notes: tuple[str, ...] = ()
     version: str = __version__
     spatial: str = "mean"
+    halves: str = "both"
     condition: str = "both"
     steps: str | None = None
     timesteps: tuple[float, ...] = ()

@@ -20,12 +20,14 @@ from .methods import METHODS, MethodInfo, method_info
 from .targets.layouts import POOLINGS, SPATIAL
 from .transport.support import parse_support
 
-__all__ = ["CONDITIONS", "STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+__all__ = ["CONDITIONS", "HALVES", "STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
 
 #: How a diffusion model's modules, which run once per denoising step, get their maps.
-STEPS = ("each", "first", "all")
+STEPS = ("first", "each", "all")
 #: Which set causal estimation pushes through the earlier maps.
 CONDITIONS = ("both", "source")
+#: Which halves of a classifier-free-guidance batch ``[unconditional, conditional]`` a map acts on.
+HALVES = ("cond", "both")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -52,11 +54,16 @@ class FitOptions:
         max_length: tokens kept per sentence.
         seed: seed of the subsample that balances source and target counts.
         method_options: keyword options of the method's estimator (e.g. ``knots`` for quantile).
-        steps: diffusion models only: ``each`` — one map per denoising step, fitted causally in
-            step order; ``first`` — one map fitted on the first step, applied at every step;
-            ``all`` — one map fitted on all steps' activations pooled.
+        steps: diffusion models only: ``first`` — one map fitted on the first denoising step,
+            applied at every step (the paper's choice, and the best one on the toy model); ``each``
+            — one map per step, fitted causally in step order; ``all`` — one map fitted on all
+            steps' activations pooled.
         spatial: conv feature maps ``[B, C, H, W]`` only: ``mean`` — shift each channel by
             λ·(T(μ) − μ), μ its spatial mean (the paper's rule); ``pixel`` — map every pixel.
+        halves: diffusion with classifier-free guidance only: the maps act on the conditional
+            half of the denoiser's batch (``cond``: guidance then extrapolates the steered
+            prediction against the unchanged unconditional one, as it does for a prompt) or on
+            both halves (``both``). Fitting (causal) and steering use the same rule.
     """
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
@@ -73,10 +80,12 @@ class FitOptions:
     method_options: Mapping[str, Any] = field(default_factory=dict, metadata={
         "help": "method option, repeatable (e.g. threshold=0.6 for detzero, knots=16 for quantile, pair_index=3 for actadd)",
         "flag": "--option", "metavar": "KEY=VALUE"})
-    steps: str = _opt("each", "diffusion: one map per denoising step (each), one from the first step used at every step "
-                              "(first), or one from all steps pooled (all)", choices="steps")
+    steps: str = _opt("first", "diffusion: one map fitted on the first denoising step and used at every step (first, the "
+                               "paper's), one map per step (each), or one from all steps pooled (all)", choices="steps")
     spatial: str = _opt("mean", "conv feature maps: shift each channel by T(mean) - mean (mean, the paper's rule) "
                                 "or map every pixel (pixel)", choices="spatial")
+    halves: str = _opt("cond", "diffusion with classifier-free guidance: the maps act on the conditional half of the batch "
+                               "(cond) or on both halves (both)", choices="halves")
 
     def __post_init__(self) -> None:
         mods = self.modules
@@ -107,6 +116,8 @@ class FitOptions:
             raise ConfigError(f"unknown condition {self.condition!r}; choose one of: {', '.join(CONDITIONS)}")
         if self.steps not in STEPS:
             raise ConfigError(f"unknown steps {self.steps!r}; choose one of: {', '.join(STEPS)}")
+        if self.halves not in HALVES:
+            raise ConfigError(f"unknown halves {self.halves!r}; choose one of: {', '.join(HALVES)}")
         if self.spatial not in SPATIAL:
             raise ConfigError(f"unknown spatial rule {self.spatial!r}; choose one of: {', '.join(SPATIAL)}")
 
@@ -181,8 +192,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
             kw["nargs"] = meta["nargs"]
         if meta.get("choices") == "methods":
             kw["choices"] = list(METHODS)
-        elif meta.get("choices") in ("poolings", "steps", "spatial", "condition"):
-            kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL, "condition": CONDITIONS}[meta["choices"]])
+        elif meta.get("choices") in ("poolings", "steps", "spatial", "condition", "halves"):
+            kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL, "condition": CONDITIONS,
+                                  "halves": HALVES}[meta["choices"]])
         elif isinstance(f.default, int) and not isinstance(f.default, bool):
             kw["type"] = int
         parser.add_argument(_flag(f), **kw)

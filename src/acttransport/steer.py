@@ -17,16 +17,14 @@ from torch import nn
 
 from .artifact import TransportMap, read_map
 from .errors import ConfigError, MapFormatError
+from .options import HALVES
 from .runners.diffusion import read_timestep
 from .targets.layouts import apply_map
 from .targets.names import (
     add_hooks, declared_width, denoiser_name, get_module, module_tree, pick_output, remove_hooks, replace_output, split_spec,
 )
 
-__all__ = ["HALVES", "check_fits", "check_strength", "is_steered", "load", "steer"]
-
-#: Which halves of a classifier-free-guidance batch ``[unconditional, conditional]`` are steered.
-HALVES = ("both", "cond")
+__all__ = ["check_fits", "check_strength", "is_steered", "load", "steer"]
 
 _ACTIVE = "_acttransport_hooks"
 
@@ -98,7 +96,7 @@ def _step_of(t: float, timesteps: tuple[float, ...]) -> int:
 
 
 @contextlib.contextmanager
-def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded: bool = False, halves: str = "both") -> Iterator[Any]:
+def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded: bool = False, halves: str | None = None) -> Iterator[Any]:
     """Applies ``tmap`` at strength λ inside the ``with`` block; hooks are always removed.
 
     T_λ(a) = a + λ·((ω−1)·a + β) for every token (or pixel) whose value lies inside the
@@ -111,16 +109,18 @@ def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded
         strength: λ in [0, 1]; outside only with ``allow_unbounded=True`` or for methods
             whose strength is unbounded (actadd, caa, itic).
         allow_unbounded: opt in to λ outside [0, 1].
-        halves: with classifier-free guidance, steer ``both`` halves of the denoiser's batch
-            (default: the steered model is then a model of its own, which guidance extrapolates
-            as usual) or only the ``cond`` (conditional) half (guidance then also amplifies the
-            steering by the guidance scale).
+        halves: with classifier-free guidance, steer only the ``cond`` (conditional) half of
+            the denoiser's batch — guidance then extrapolates the steered prediction against the
+            unchanged unconditional one, as it does for a prompt — or ``both`` halves (the same
+            shift in both cancels in the guidance difference to first order). None: the rule
+            the map was fitted with (``tmap.config.halves``).
 
     Raises:
         ConfigError: bad strength or ``halves``, or the model is already being steered.
         MapFormatError: the map does not fit the model.
     """
     lam = check_strength(strength, allow_unbounded or tmap.config.unbounded)
+    halves = tmap.config.halves if halves is None else halves
     if halves not in HALVES:
         raise ConfigError(f"halves must be one of {', '.join(HALVES)}, got {halves!r}")
     if is_steered(model):

@@ -86,7 +86,7 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
     p.add_argument("--style", default="striped", help="style: the style to induce (striped, dotted, outline)")
-    p.add_argument("--concept", default="red", help="negation: the colour or shape to remove (e.g. red, circle)")
+    p.add_argument("--concept", default="striped", help="negation: the style, colour or shape to remove (default striped; e.g. red, circle)")
     p.add_argument("--n-images", type=int, default=64, help="style, negation: images per cell (default 64)")
     p.add_argument("--num-inference-steps", type=int, default=20, help="style, negation: denoising steps (default 20)")
     p.add_argument("--guidance-scale", type=float, help="style, negation: classifier-free guidance weight (default: the pipeline's own)")

@@ -24,21 +24,13 @@ from ..runners import Batch, Runner
 from ..targets.layouts import apply_map
 from ..targets.names import add_hooks, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
-from .collect import Site
+from .collect import Site, steer_rows
 
 __all__ = ["fit_causal_one_pass"]
 
 
 class _Abort(Exception):
     """Unwinds a suspended forward pass."""
-
-
-def _row_mask(rows: Sequence[int], source_rows: int, x: Tensor) -> Tensor:
-    """Broadcastable bool mask over x's batch axis: True on the source rows of the batch."""
-    mask = torch.tensor([r < source_rows for r in rows], device=x.device)
-    if x.shape[0] % len(rows):
-        raise ModuleMatchError(f"an output has batch {x.shape[0]} for {len(rows)} inputs; cannot tell source rows from target rows")
-    return mask.repeat(x.shape[0] // len(rows)).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def fit_causal_one_pass(
@@ -50,6 +42,7 @@ def fit_causal_one_pass(
     progress: Callable[[Site], None] | None = None,
     spatial: str = "mean",
     source_rows: int | None = None,
+    halves: str = "both",
 ) -> dict[Site, ModuleMap]:
     """Fits one map per site, causally, with one forward call per batch.
 
@@ -65,6 +58,8 @@ def fit_causal_one_pass(
             through the fitted maps; the others (the target set) stay unsteered. An output with
             k·B rows for a batch of B inputs (classifier-free guidance: k = 2) repeats the
             batch's rows k times.
+        halves: ``cond``: in an output with 2·B rows (a classifier-free-guidance batch,
+            ``[unconditional, conditional]``) only the second half passes through the maps.
 
     Returns:
         ``{site: ModuleMap}`` in execution order.
@@ -93,9 +88,8 @@ def fit_causal_one_pass(
             if state["abort"] or site == last:
                 raise _Abort  # nothing after the last site is needed
             new = apply_map(x, fitted[site], 1.0, spatial)
-            if source_rows is not None:
-                new = torch.where(_row_mask(batches[bi].rows, source_rows, x), new, x)
-            return replace_output(output, spec, new)
+            mask = steer_rows(batches[bi].rows, source_rows, halves, x)
+            return replace_output(output, spec, new if mask is None else torch.where(mask, new, x))
 
         return hook
 

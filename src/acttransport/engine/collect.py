@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, ModuleMatchError
 from ..options import FitOptions
 from ..runners import Runner, runner_for
-from ..targets.layouts import POOLINGS
-from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks
+from ..targets.layouts import POOLINGS, apply_map
+from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
+from ..transport.maps import ModuleMap
 
-__all__ = ["Site", "check_texts", "collect", "collect_sites", "execution_order"]
+__all__ = ["Site", "check_texts", "collect", "collect_sites", "execution_order", "steer_rows"]
 
 Site = tuple[str, int]
 
@@ -42,6 +43,31 @@ def check_texts(texts: Sequence[str], label: str) -> list[str]:
     if bad:
         raise DataError(f"{label}: entries {bad[:5]} are empty or not strings; remove them")
     return list(texts)
+
+
+def steer_rows(rows: Sequence[int], source_rows: int | None, halves: str, x: Tensor) -> Tensor | None:
+    """Broadcastable bool mask over ``x``'s batch axis: the rows a map acts on while fitting
+    (None: all of them).
+
+    Args:
+        rows: the batch's input positions (B of them); ``x`` has k·B rows, the batch repeated
+            k times (k = 2 for a classifier-free-guidance batch ``[unconditional, conditional]``).
+        source_rows: only inputs at positions below it (the source set) are steered; None: all.
+        halves: ``cond``: with k = 2 only the second (conditional) half is steered.
+
+    Raises:
+        ModuleMatchError: ``x``'s batch is not a multiple of B.
+    """
+    k, rem = divmod(x.shape[0], len(rows))
+    cond_only = halves == "cond" and k == 2
+    if source_rows is None and not cond_only:
+        return None
+    if rem:
+        raise ModuleMatchError(f"an output has batch {x.shape[0]} for {len(rows)} inputs; cannot tell which rows to steer")
+    mask = torch.tensor([source_rows is None or r < source_rows for r in rows], device=x.device).repeat(k)
+    if cond_only:
+        mask[: len(rows)] = False  # the unconditional half, first in diffusers' [uncond, cond]
+    return mask.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @torch.inference_mode()
@@ -82,7 +108,8 @@ def execution_order(runner: Runner, specs: Sequence[str]) -> list[Site]:
 
 @torch.inference_mode()
 def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], pooling: str, stop_after: Site | None = None,
-                  progress: bool = True) -> dict[Site, Tensor]:
+                  progress: bool = True, apply: dict[str, ModuleMap] | None = None, spatial: str = "mean",
+                  halves: str = "both", source_rows: int | None = None) -> dict[Site, Tensor]:
     """Pooled outputs at each site for each input.
 
     Args:
@@ -92,6 +119,9 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
         pooling: see :func:`~acttransport.targets.pool`.
         stop_after: end each forward call once this site has run (saves the rest of the model).
         progress: show a progress bar.
+        apply: maps (shared by every call) applied at λ=1 to other modules meanwhile, on the
+            rows :func:`steer_rows` picks with ``source_rows`` and ``halves``; ``spatial`` as in
+            :func:`~acttransport.targets.apply_map`.
 
     Returns:
         ``{site: Tensor[n, d]}`` float32, rows in the order of ``items``.
@@ -116,8 +146,18 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
 
         return hook
 
+    def make_apply(spec: str):
+        def hook(module, args, output):
+            x = pick_output(output, spec)
+            new = apply_map(x, apply[spec], 1.0, spatial)
+            mask = steer_rows(state["batch"].rows, source_rows, halves, x)
+            return replace_output(output, spec, new if mask is None else torch.where(mask, new, x))
+
+        return hook
+
     batches = runner.batches(items)
-    handles = add_hooks(runner.model, list(dict.fromkeys(s for s, _ in sites)), make)
+    handles = add_hooks(runner.model, list(apply or {}), make_apply)
+    handles += add_hooks(runner.model, list(dict.fromkeys(s for s, _ in sites)), make)
     order: list[int] = []
     try:
         for batch in tqdm(batches, desc="collect", unit="batch", disable=not progress, leave=False):

@@ -8,9 +8,8 @@ steps' activations pooled (``all``; causal estimation then costs one pass per mo
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +20,7 @@ from ..errors import ConfigError, DataError
 from ..methods import Fitted
 from ..options import FitOptions
 from ..runners import Runner, runner_for
-from ..targets.layouts import apply_map
-from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
+from ..targets.names import match_modules
 from ..targets.presets import default_preset, model_type
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
@@ -75,20 +73,6 @@ def _steps_per_module(sites: Sequence[Site], denoiser_calls: int | None) -> int:
     return counts[-1]
 
 
-@contextlib.contextmanager
-def _applied(model: nn.Module, maps: dict[str, ModuleMap], spatial: str) -> Iterator[None]:
-    """Hooks applying ``maps`` (shared by every call) at λ=1 inside the block."""
-
-    def make(spec: str) -> Callable:
-        return lambda mod, args, out: replace_output(out, spec, apply_map(pick_output(out, spec), maps[spec], 1.0, spatial))
-
-    handles = add_hooks(model, list(maps), make)
-    try:
-        yield
-    finally:
-        remove_hooks(handles)
-
-
 def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOptions, pool_how: str,
                fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> None:
     """Fits every site, causally in one pass per batch or from one plain collection."""
@@ -96,7 +80,8 @@ def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOpt
         unit = "site" if any(k for _, k in sites) else "module"  # a site is one call: (module, step) in a diffusion model
         with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit=unit, disable=not progress) as bar:
             fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit, progress=lambda site: bar.update(1),
-                                spatial=opts.spatial, source_rows=len(texts) // 2 if opts.condition == "source" else None)
+                                spatial=opts.spatial, source_rows=len(texts) // 2 if opts.condition == "source" else None,
+                                halves=opts.halves)
     else:
         acts = collect_sites(runner, texts, sites, pool_how, stop_after=sites[-1], progress=progress)
         for site in sites:
@@ -118,12 +103,10 @@ def _fit_pooled_steps(runner: Runner, texts: list[str], sites: list[Site], n: in
     if not opts.causal:
         acts = collect_sites(runner, texts, sites, pool_how, progress=progress)
         return {spec: fit(spec, pooled(acts, spec)) for spec in specs}
-    if opts.condition == "source":
-        raise ConfigError("steps='all' with causal estimation conditions both sets; use condition='both' or steps='each'")
     for spec in tqdm(specs, desc=f"fit {opts.method} (causal, one pass per module)", unit="module", disable=not progress):
         mine = [site for site in sites if site[0] == spec]
-        with _applied(runner.model, dict(fitted), opts.spatial):
-            acts = collect_sites(runner, texts, mine, pool_how, stop_after=mine[-1], progress=False)
+        acts = collect_sites(runner, texts, mine, pool_how, stop_after=mine[-1], progress=False, apply=dict(fitted), spatial=opts.spatial,
+                             halves=opts.halves, source_rows=n if opts.condition == "source" else None)
         fitted[spec] = fit(spec, pooled(acts, spec))
     return fitted
 
@@ -144,6 +127,7 @@ def estimate(
     seed: int | None = None,
     steps: str | None = None,
     spatial: str | None = None,
+    halves: str | None = None,
     data: str = "",
     progress: bool = True,
     options: FitOptions | None = None,
@@ -166,7 +150,7 @@ def estimate(
         target: ``m`` sentences with the behaviour to move towards (the larger set is
             subsampled to the smaller size with ``seed``).
         modules: patterns or specs of the outputs to transport; None: the default preset.
-        method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial: see FitOptions.
+        method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves: see FitOptions.
         data: a description of the data, stored in the config.
         progress: show progress bars.
         options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
@@ -179,7 +163,7 @@ def estimate(
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
     given = dict(method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
-                 steps=steps, spatial=spatial)
+                 steps=steps, spatial=spatial, halves=halves)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
     source, target = check_texts(source if source is not None else [], "source"), check_texts(target if target is not None else [], "target")
@@ -232,7 +216,8 @@ def estimate(
     cfg = TransportConfig(
         method=opts.method, support=opts.support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
         model=runner.model_id, n_samples=n, seed=opts.seed, data=data, options=dict(opts.method_options), notes=tuple(notes),
-        spatial=opts.spatial, condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
+        spatial=opts.spatial, halves=opts.halves if n_steps > 1 or getattr(runner, "denoiser", None) else "both",
+        condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
         denoiser=getattr(runner, "denoiser", None), runner=dict(getattr(runner, "settings", {}) or {}),
     )
     return TransportMap(fitted, cfg)

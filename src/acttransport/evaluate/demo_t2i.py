@@ -17,9 +17,10 @@ DEMO_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def run_t2i_demo(style: str = "striped", n_fit: int = 64, n_images: int = 64, seed: int = 0, out: str = "runs/demo-diffusion",
                  fit: FitOptions | None = None, num_inference_steps: int = 20, guidance_scale: float | None = None) -> dict[str, Any]:
-    """Fits Linear-AcT from plain captions to captions with ``style`` (one map per denoising
-    step on every UNet GroupNorm, support Q∞), renders a λ grid, and has the toy judge read
-    the style share and whether shape and colour are kept at each λ.
+    """Fits Linear-AcT from plain captions to captions with ``style`` (the sweeps' options: every
+    UNet GroupNorm and cross-attention output, maps fitted on the first denoising step and used
+    at every step, the conditional half of the guidance batch, support Q∞), renders a λ grid,
+    and has the toy judge read the style share and whether shape and colour are kept at each λ.
 
     Returns:
         The results also written to ``{out}/results.json``.
@@ -52,9 +53,11 @@ def run_t2i_demo(style: str = "striped", n_fit: int = 64, n_images: int = 64, se
                      "shape_kept": share("shape", [k["shape"] for k in d.keep]), "colour_kept": share("colour", [k["colour"] for k in d.keep])})
         grid.append((f"lambda={lam:g}", imgs[:8]))
     png = save_grid(grid, outdir / "grid.png")
-    print(f"\nStyle control on the toy model (acttransport.toy): Linear-AcT, {len(tmap.maps)} UNet GroupNorms, one map per step "
-          f"({num_inference_steps} steps), support {tmap.config.support}, fitted on {n_fit} plain vs {n_fit} '{style}' captions; "
-          f"{len(d.prompts)} plain prompts, guidance {guidance:g}, seed {seed}.\n")
+    steps = {"first": "fitted on the first step", "each": "one per step", "all": "fitted on all steps pooled"}[tmap.config.steps]
+    print(f"\nStyle control on the toy model (acttransport.toy): Linear-AcT on {len(tmap.maps)} UNet modules (GroupNorms and "
+          f"cross-attention outputs), maps {steps} of {num_inference_steps}, {tmap.config.halves} half of the guidance batch, support "
+          f"{tmap.config.support}; fitted on {n_fit} plain vs {n_fit} '{style}' captions; {len(d.prompts)} plain prompts, "
+          f"guidance {guidance:g}, seed {seed}.\n")
     print(f"| strength λ | {style} share | shape kept | colour kept |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['strength']:g} | {100 * r['style_share']:.1f}% | {100 * r['shape_kept']:.1f}% | {100 * r['colour_kept']:.1f}% |")

@@ -16,7 +16,7 @@ from ...options import FitOptions
 from ...steer import load, steer
 from ..grid import UNSTEERED, Strengths, make_cells
 
-__all__ = ["MapCache", "check_grid", "fit_config", "fitter", "steering"]
+__all__ = ["MapCache", "check_grid", "fit_config", "fitter", "steering", "t2i_fit_config"]
 
 
 def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int]) -> None:
@@ -37,6 +37,11 @@ def fit_config(fit: FitOptions) -> dict[str, Any]:
     d = fit.describe()
     return {"modules": d["modules"], "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
             "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"]}
+
+
+def t2i_fit_config(fit: FitOptions) -> dict[str, Any]:
+    """:func:`fit_config` plus the diffusion fields (steps, spatial, halves)."""
+    return {**fit_config(fit), "steps": fit.steps, "spatial": fit.spatial, "halves": fit.halves}
 
 
 def fitter(model: nn.Module, tokenizer: Any, source: Sequence[str], target: Sequence[str], fit: FitOptions, seed: int,

@@ -4,8 +4,9 @@
   to the same captions with a style (``"a red circle, striped style"``) steer plain prompts;
   the judge reads the style share and whether shape and colour are kept.
 * **Concept negation** (:func:`negation_sweep`): maps fitted from captions naming a concept (a
-  colour or a shape, e.g. ``"red"``) to the same captions with another colour / shape remove it
-  from prompts that ask for it; the pipeline's own negative prompt is the baseline.
+  style, e.g. ``"striped"``: to the same captions plain; a colour or a shape: to the same
+  captions with another one) remove it from prompts that ask for it; the pipeline's own
+  negative prompt is the baseline.
 
 Every (method, λ, seed) cell generates ``n_images`` images from fixed per-image seeds (image i
 of every cell of a seed starts from the same noise, so each steered image has an unsteered
@@ -32,14 +33,15 @@ from ...steer import check_strength
 from ..grid import UNSTEERED, Strengths, make_cells, strengths_per_method
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import MapCache, check_grid, fit_config, fitter, steering
+from .common import MapCache, check_grid, fitter, steering, t2i_fit_config
 from .images import background_ok, border_stats, cell_seeds, generate_images, load_images, save_grid, save_images, twin_similarity
 
-__all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2IData", "default_guidance", "negation_data", "negation_sweep", "style_data", "style_sweep", "t2i_sweep"]
+__all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2IData", "default_guidance", "negation_data", "negation_sweep", "negative_prompt", "style_data", "style_sweep", "t2i_sweep"]
 
-#: The fitting options that moved the toy model's style (one map per step, support Q∞, every
-#: UNet GroupNorm by default); ITI-c and the others use mean pooling over the feature map too.
-T2I_FIT = FitOptions(support="all", pooling="mean", steps="each")
+#: The fitting options of the text-to-image sweeps: maps fitted on the first step, support Q∞,
+#: the conditional half of the guidance batch, the denoiser's default modules; every method
+#: (ITI-c too) pools the feature maps by their mean.
+T2I_FIT = FitOptions(support="all", pooling="mean", steps="first", halves="cond")
 #: The baseline "method" of negation: the pipeline's own negative prompt (no map).
 NEGATIVE_PROMPT = "negprompt"
 
@@ -90,24 +92,29 @@ def style_data(style: str = "striped", n_fit: int = 64, n_images: int = 64, data
                    f"toy captions: {n_fit} plain -> {n_fit} '{style}' (every shape x colour, seed {data_seed})")
 
 
-def negation_data(concept: str = "red", n_fit: int = 64, n_images: int = 64, data_seed: int = 0) -> T2IData:
-    """Toy-model prompts for negating a colour or a shape: captions naming it → the same
-    captions with another colour (shape); evaluated on prompts that ask for it."""
-    from ...toy.render import COLOURS, SHAPES, caption
+def negation_data(concept: str = "striped", n_fit: int = 64, n_images: int = 64, data_seed: int = 0) -> T2IData:
+    """Toy-model prompts for removing a concept the prompt names: a style (captions with it →
+    the same captions plain), a colour or a shape (captions naming it → the same captions with
+    another colour / shape, drawn at random); evaluated on prompts that ask for it."""
+    from ...toy.render import COLOURS, SHAPES, STYLES, caption
 
-    if concept in COLOURS:
-        head, others, keep = "colour", [c for c in COLOURS if c != concept], "shape"
-        cap = lambda x, o: caption(x, o, "plain")  # noqa: E731  (x: the kept shape, o: a colour)
-        kept = list(SHAPES)
-    elif concept in SHAPES:
-        head, others, keep = "shape", [s for s in SHAPES if s != concept], "colour"
-        cap = lambda x, o: caption(o, x, "plain")  # noqa: E731  (x: the kept colour, o: a shape)
-        kept = list(COLOURS)
-    else:
-        raise ConfigError(f"unknown concept {concept!r}; negate a colour ({', '.join(COLOURS)}) or a shape ({', '.join(SHAPES)})")
-    fit_keep = _cycle(kept, n_fit, data_seed)
     rng = random.Random(data_seed + 2)
-    ev = _cycle(kept, n_images, data_seed + 1)
+    if concept in STYLES and concept != "plain":
+        head, pairs = "style", [(s, c) for s in SHAPES for c in COLOURS]
+        fit, ev = _cycle(pairs, n_fit, data_seed), _cycle(pairs, n_images, data_seed + 1)
+        return T2IData([caption(s, c, concept) for s, c in fit], [caption(s, c, "plain") for s, c in fit], [caption(s, c, concept) for s, c in ev],
+                       [{"shape": s, "colour": c} for s, c in ev], (head, concept),
+                       f"toy captions: {n_fit} '{concept}' -> the same {n_fit} plain (seed {data_seed})")
+    if concept in COLOURS:
+        head, others, keep, kept = "colour", [c for c in COLOURS if c != concept], "shape", list(SHAPES)
+        cap = lambda x, o: caption(x, o, "plain")  # noqa: E731  (x: the kept shape, o: a colour)
+    elif concept in SHAPES:
+        head, others, keep, kept = "shape", [s for s in SHAPES if s != concept], "colour", list(COLOURS)
+        cap = lambda x, o: caption(o, x, "plain")  # noqa: E731  (x: the kept colour, o: a shape)
+    else:
+        raise ConfigError(f"unknown concept {concept!r}; negate a style ({', '.join(s for s in STYLES if s != 'plain')}), "
+                          f"a colour ({', '.join(COLOURS)}) or a shape ({', '.join(SHAPES)})")
+    fit_keep, ev = _cycle(kept, n_fit, data_seed), _cycle(kept, n_images, data_seed + 1)
     return T2IData([cap(x, concept) for x in fit_keep], [cap(x, rng.choice(others)) for x in fit_keep], [cap(x, concept) for x in ev],
                    [{keep: x, "style": "plain"} for x in ev], (head, concept),
                    f"toy captions: {n_fit} naming {concept!r} -> {n_fit} with another {head} (seed {data_seed})")
@@ -168,8 +175,7 @@ def t2i_sweep(
         judge = load_toy_judge()
     valid_range = valid_range or _valid_range()
     config = {
-        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **fit_config(fit),
-        "steps": fit.steps, "spatial": fit.spatial, "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
+        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **t2i_fit_config(fit), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
         "n_images": len(d.prompts), "prompts_digest": hash_prompts(d), "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "data_seed": data_seed, "judge": type(judge).__name__, "valid_range": list(valid_range),
     }
@@ -187,7 +193,7 @@ def t2i_sweep(
         gen = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size, progress=progress, desc=label)
         seeds_ = cell_seeds(seed, len(d.prompts))
         if method == NEGATIVE_PROMPT:
-            imgs = generate_images(pipe, d.prompts, seeds_, negative_prompt=d.goal[1], **gen)
+            imgs = generate_images(pipe, d.prompts, seeds_, negative_prompt=negative_prompt(d.goal), **gen)
         else:
             with steering(pipe, maps, method, lam, allow_unbounded=True):
                 imgs = generate_images(pipe, d.prompts, seeds_, **gen)
@@ -206,6 +212,13 @@ def t2i_sweep(
     rows = run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
     _grids(out, grid, seeds[0], grid_images)
     return rows
+
+
+def negative_prompt(goal: tuple[str, str]) -> str:
+    """The negative prompt of the baseline: the words the prompts use for the concept
+    (``"striped style"`` for a style, the word itself for a colour or a shape)."""
+    head, label = goal
+    return f"{label} style" if head == "style" else label
 
 
 def hash_prompts(d: T2IData) -> str:
@@ -237,7 +250,7 @@ def style_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-style", styl
     return t2i_sweep(pipe, out_dir, "style", style_data(style, n_fit, n_images, data_seed), methods, strengths, seeds, data_seed=data_seed, **kw)
 
 
-def negation_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-negation", concept: str = "red",
+def negation_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-negation", concept: str = "striped",
                    methods: Sequence[str] = ("linear", "mean", "itic", NEGATIVE_PROMPT), strengths: Strengths | None = None,
                    seeds: Sequence[int] = (0, 1, 2), n_fit: int = 64, n_images: int = 64, data_seed: int = 0, **kw: Any) -> list[dict[str, Any]]:
     """Concept negation on the toy model; see :func:`t2i_sweep` for ``kw``."""
