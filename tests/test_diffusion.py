@@ -232,3 +232,18 @@ def test_cli_fit_images_and_modules_on_a_saved_pipeline(sd, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     rc = cli.main(["fit", str(folder), "--data", "toxicity", "-o", str(tmp_path / "x")])
     assert rc == 2 and "--source FILE and --target FILE" in capsys.readouterr().err
+
+
+def test_causal_fit_steers_the_halves_it_will_steer_at_inference(sd):
+    kw = dict(source=SRC, target=TGT, modules="@all-norms", support="all", progress=False)
+    cond, both = at.estimate(runner(sd), halves="cond", steps="each", **kw), at.estimate(runner(sd), halves="both", steps="each", **kw)
+    assert cond.config.halves == "cond" and both.config.halves == "both"
+    first, last = cond.modules[0], cond.modules[-1]
+    assert torch.equal(cond.maps[first].scale[0], both.maps[first].scale[0])  # step 0, first module: nothing earlier
+    # within a step the pooled conditional half does not depend on the other half, but guidance mixes
+    # both into the next step's latents, so the later steps' fits differ
+    assert not torch.equal(cond.maps[last].shift[-1], both.maps[last].shift[-1])
+    # fitted on the first step only, the halves rule cannot change the fit (it matters when steering)
+    kw["steps"] = "first"
+    a, b = at.estimate(runner(sd), halves="cond", **kw), at.estimate(runner(sd), halves="both", **kw)
+    assert all(torch.equal(a.maps[m].shift, b.maps[m].shift) for m in a.modules)

@@ -164,3 +164,18 @@ def test_lm_runner_batches_by_length_with_a_mask_and_positions(llama, tok):
     with pytest.raises(ModuleMatchError, match="never run"):
         llama.add_module("unused", nn.Linear(2, 2))
         execution_order(runner, ["unused"])
+
+
+def test_steer_rows_picks_source_rows_and_the_conditional_half():
+    from acttransport.engine.collect import steer_rows
+
+    x = torch.zeros(6, 3)  # a guidance batch [uncond, cond] of 3 inputs
+    assert steer_rows([0, 1, 2], None, "both", x) is None
+    cond = steer_rows([0, 1, 2], None, "cond", x).flatten().tolist()
+    assert cond == [False] * 3 + [True] * 3
+    src = steer_rows([4, 1, 2], 2, "both", x).flatten().tolist()  # inputs 0..1 are the source set
+    assert src == [False, True, False] * 2
+    assert steer_rows([4, 1, 2], 2, "cond", x).flatten().tolist() == [False, False, False, False, True, False]
+    assert steer_rows([0, 1, 2], None, "cond", torch.zeros(3, 3)) is None  # no guidance: nothing to spare
+    with pytest.raises(ModuleMatchError, match="cannot tell"):
+        steer_rows([0, 1, 2], 1, "both", torch.zeros(4, 3))
