@@ -158,7 +158,17 @@ def test_cli_modules_fit_generate(model_dir, tmp_path, capsys):
     cfg = json.loads((mapdir / "transport_config.json").read_text())
     # no --modules: the architecture's default preset (@all-norms for llama: input + post-attention norms), said aloud
     assert cfg["method"] == "linear" and cfg["causal"] is True and len(cfg["modules"]) == 6 and cfg["n_samples"] == 30
-    assert "modules: @all-norms (the default" in capsys.readouterr().out and any("@all-norms" in n for n in cfg["notes"])
+    out = capsys.readouterr().out
+    assert "modules: @all-norms (the default" in out and any("@all-norms" in n for n in cfg["notes"])
+    # every sentence went into the fit: diagnostics in-sample, said so, stored with the map
+    assert "in-sample" in out and "overshot at" in out and cfg["diagnostics"]["held_out"] is False
+    assert set(cfg["diagnostics"]["modules"]) == {m["name"] for m in cfg["modules"]}
+    assert cli.main(["fit", str(model_dir), "--source", src, "--target", tgt, "-o", str(tmp_path / "m2"), "--max-samples", "20",
+                     "--diagnose", "8"]) == 0
+    d2 = json.loads((tmp_path / "m2" / "transport_config.json").read_text())["diagnostics"]
+    assert d2["held_out"] is True and d2["n_source"] == d2["n_target"] == 8 and "held-out" in capsys.readouterr().out
+    assert cli.main(["fit", str(model_dir), "--source", src, "--target", tgt, "-o", str(tmp_path / "m3"), "--diagnose", "0"]) == 0
+    assert json.loads((tmp_path / "m3" / "transport_config.json").read_text())["diagnostics"] == {}
     tmap = at.load(mapdir)
     assert tmap.config.data.startswith("source=")
     capsys.readouterr()
@@ -177,6 +187,7 @@ def test_cli_modules_fit_generate(model_dir, tmp_path, capsys):
     (["fit", "{model}", "-o", "{tmp}/m", "--source", "{src}", "--target", "{tgt}", "--modules", "model.nothing"], "matches no module"),
     (["generate", "{model}", "--map", "{tmp}/missing", "--prompt", "w1"], "not found"),
     (["modules", "{model}", "@nosuchpreset"], "unknown preset"),
+    (["fit", "{model}", "-o", "{tmp}/m", "--source", "{src}", "--target", "{tgt}", "--diagnose", "-1"], "--diagnose"),
 ])
 def test_cli_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, argv, needle):
     src, tgt = _files(tmp_path)

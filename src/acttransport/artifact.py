@@ -64,6 +64,8 @@ class TransportConfig:
         denoiser: the pipeline component that runs once per step (``unet``, ``transformer``).
         runner: the settings of the runs the activations came from (e.g. number of steps,
             guidance scale, image size, seed).
+        diagnostics: where the map moves sentences, per module, from
+            :func:`acttransport.diagnose` (empty if not measured; edits of the map drop it).
     """
 
     method: str = "linear"
@@ -87,6 +89,7 @@ class TransportConfig:
     timesteps: tuple[float, ...] = ()
     denoiser: str | None = None
     runner: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> "TransportConfig":
         """Returns a copy with some fields changed."""
@@ -125,14 +128,15 @@ class TransportMap:
         """
         lam = float(strength)
         new = {name: m.interpolate(lam) for name, m in self.maps.items()}
-        return TransportMap(new, self.config.replace(strength=1.0, notes=self.config.notes + (f"interpolated at strength {lam}",)))
+        notes = self.config.notes + (f"interpolated at strength {lam}",)
+        return TransportMap(new, self.config.replace(strength=1.0, notes=notes, diagnostics={}))
 
     def subset(self, modules: list[str]) -> "TransportMap":
         """A map restricted to ``modules`` (kept in this map's order)."""
         missing = [m for m in modules if m not in self.maps]
         if missing:
             raise ConfigError(f"modules {missing} are not in this map; it has {self.modules}")
-        return TransportMap({k: v for k, v in self.maps.items() if k in modules}, self.config)
+        return TransportMap({k: v for k, v in self.maps.items() if k in modules}, self.config.replace(diagnostics={}))
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes the two files atomically (a temp dir is renamed into place)."""
@@ -242,4 +246,5 @@ def compose(second: TransportMap, first: TransportMap) -> TransportMap:
         shift = s.scale.double() * f.shift.double() + s.shift.double()
         new[name] = ModuleMap(scale.float(), shift.float(), f.lower, f.upper)
     notes = first.config.notes + second.config.notes + ("composed",)
-    return TransportMap(new, second.config.replace(method=f"{second.config.method}∘{first.config.method}", strength=1.0, notes=notes))
+    return TransportMap(new, second.config.replace(method=f"{second.config.method}∘{first.config.method}", strength=1.0, notes=notes,
+                                                   diagnostics={}))

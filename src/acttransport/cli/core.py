@@ -99,17 +99,33 @@ def cmd_fit(a: argparse.Namespace) -> None:
         desc = f"source={a.source} ({len(source)} lines), target={a.target} ({len(target)} lines)"
     else:
         raise DataError("give --data NAME (a built-in data set, e.g. toxicity) or both --source FILE and --target FILE")
+    if a.diagnose < 0:
+        raise DataError(f"--diagnose must be ≥ 0, got {a.diagnose}")
+    full = (source, target)
     source, target = subsample(source, a.max_samples, opts.seed), subsample(target, a.max_samples, opts.seed + 1)
     model, tok = load_lm(a.model)
     if opts.modules is None:
         print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
     t0 = time.time()
     tmap = estimate(model, tok, source, target, data=desc, options=opts)
-    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model))
-    out = tmap.save(a.out)
-    print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s -> {out}")
+    print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s")
+    diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
+    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, diagnostics=diag))
+    print(f"map written to {tmap.save(a.out)}")
     for note in tmap.config.notes:
         print(f"  note: {note}")
+
+
+def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], list[str]], used: tuple[list[str], list[str]], opts: Any) -> dict:
+    """Diagnostics on up to ``n`` sentences per side that the fit did not see (in-sample when a side has none left)."""
+    from ..diagnose import diagnose, summarize
+
+    left = [subsample([t for t in f if t not in set(u)], n, opts.seed + 2) for f, u in zip(full, used)]
+    held = all(left)
+    src, tgt = left if held else (subsample(used[0], n, opts.seed + 2), subsample(used[1], n, opts.seed + 3))
+    diag = diagnose(model, tok, tmap, src, tgt, held_out=held, batch_size=opts.batch_size, max_length=opts.max_length, progress=False)
+    print(summarize(diag))
+    return diag
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -156,6 +172,9 @@ def add_core_commands(sub: Any) -> None:
     f.add_argument("--source", help="file of source sentences (behaviour to move away from), one per line or .jsonl")
     f.add_argument("--target", help="file of target sentences (behaviour to move towards)")
     f.add_argument("--max-samples", type=int, default=None, help="use at most N sentences per set (seeded subsample)")
+    f.add_argument("--diagnose", type=int, default=64, metavar="N",
+                   help="language models: measure where the map moves N source / target sentences left out of the fit (in-sample "
+                        "when none are left), store it in the map and print a summary (default 64; 0 skips)")
     add_fit_arguments(f)
     add_runner_arguments(f)
     f.set_defaults(func=cmd_fit)
