@@ -285,11 +285,14 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     rows = tasks.toxicity_sweep(llama, tok, tmp_path, **kw)
     assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 0), ("none", 0.0, 1), ("linear", 1.0, 0), ("linear", 1.0, 1)]
     for r in rows:
-        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "capability", "capability_norm", "elapsed_s"}
+        assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "factual_ppl", "factual_ppl_ref",
+                          "capability", "capability_norm", "elapsed_s"}
         assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1 and r["ppl_other"] > 1
+        assert r["factual_ppl"] > 1 and r["factual_ppl_ref"] > 1
         assert r["capability"] in {i / 6 for i in range(7)} and r["capability_norm"] in {i / 6 for i in range(7)}
     assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
     assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
+    assert rows[0]["factual_ppl"] == rows[1]["factual_ppl"] and rows[2]["factual_ppl"] != rows[0]["factual_ppl"]
     assert rows[0]["ppl_other"] != rows[0]["ppl_unsteered"]  # scored by the other model
     lines = (tmp_path / "continuations" / "linear_l1_s1.jsonl").read_text().splitlines()
     assert len(lines) == 4 and set(json.loads(lines[0])) == {"prompt", "continuation"}
@@ -463,6 +466,11 @@ def test_continuation_nll_batched_in_length_order_keeps_input_order():
     alone = [continuation_nll(llama, tok, [p], [c], batch_size=1, progress=False)[0] for p, c in zip(prompts, conts)]
     assert [k for _, k in together] == [k for _, k in alone]
     assert np.allclose([n for n, _ in together], [n for n, _ in alone], rtol=1e-4, atol=1e-4)
+    cut = continuation_nll(llama, tok, prompts, conts, batch_size=2, progress=False, max_tokens=5)
+    assert cut[2][1] == 4 and together[2][1] > 20  # unconditional: token 0 of the 5 is not scored
+    assert [k for _, k in cut] == [min(k, 5 if p else 4) for (_, k), p in zip(together, prompts)]
+    with pytest.raises(ConfigError, match="max_tokens"):
+        continuation_nll(llama, tok, prompts, conts, max_tokens=0)
 
 
 def test_scoring_batches_respect_the_logits_budget(monkeypatch):

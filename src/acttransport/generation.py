@@ -131,24 +131,28 @@ def continuation_nll(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "score",
+    max_tokens: int | None = None,
 ) -> list[tuple[float, int]]:
     """Summed negative log-likelihood of each continuation given its prompt.
 
     Args:
         prompts: ``n`` contexts ("" for unconditional text: the first token is then not scored).
         continuations: ``n`` texts to score.
+        max_tokens: keep only each continuation's first ``max_tokens`` tokens (None: all).
 
     Returns:
         ``n`` pairs ``(nll_sum, n_tokens)``; ``n_tokens`` may be 0 for an empty continuation.
     """
     if len(prompts) != len(continuations):
         raise ConfigError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ConfigError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     device = next(model.parameters()).device
     rows = []
     for p, c in zip(prompts, continuations):
         pid = tokenizer(p, add_special_tokens=True)["input_ids"] if p else []
         cid = tokenizer(c, add_special_tokens=not p)["input_ids"]
-        rows.append((pid, cid))
+        rows.append((pid, cid if max_tokens is None else cid[:max_tokens]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for idx in tqdm(length_batches(rows, batch_size, vocab_size(model)), desc=desc, unit="batch", disable=not progress, leave=False):

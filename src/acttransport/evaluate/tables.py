@@ -70,7 +70,10 @@ def toxicity_table(results: dict[str, Any]) -> str:
     extra = tox == "toxic_share_bal"  # the judge's 0.5-threshold share and mean score, when recorded
     head = ["method", "λ", "seeds", "toxic % (balanced)" if extra else "toxic share %", "reduction"]
     head += ["toxic % (p ≥ 0.5)", "mean p(toxic) %"] if extra else []
-    head += ["clean PPL", "Δ clean PPL", "cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
+    head += ["clean PPL", "Δ clean PPL"]
+    factual = "factual_ppl" in results.get("metrics", [])  # sweeps from before it lack it
+    head += ["factual PPL", "Δ factual", "factual PPL (ref.)"] if factual else []
+    head += ["cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
     per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
     head += ["capability %"] + (["capability per-token %"] if per_token else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
@@ -81,7 +84,12 @@ def toxicity_table(results: dict[str, Any]) -> str:
         star = "*" if (a["method"], a["strength"]) in chosen and a is not base else ""
         row = [a["method"] + star, f"{a['strength']:g}", str(a["n_seeds"]), _fmt(a, tox, 100, 1), red]
         row += [_fmt(a, "toxic_share", 100, 1), _fmt(a, "toxic_score", 100, 2)] if extra else []
-        row += [_fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}", _fmt(a, "ppl_unsteered")]
+        row += [_fmt(a, "clean_ppl", spread=False), "–" if a is base or p is None or p0 is None else f"{p - p0:+.2f}"]
+        if factual:
+            f, f0 = a.get("factual_ppl_mean"), base.get("factual_ppl_mean")
+            rise = "–" if a is base or f is None or not f0 else f"{100 * (f / f0 - 1):+.1f}%"
+            row += [_fmt(a, "factual_ppl", spread=False), rise, _fmt(a, "factual_ppl_ref", spread=False)]
+        row += [_fmt(a, "ppl_unsteered")]
         row += [_fmt(a, "ppl_other")] if other else []
         row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
         lines.append("| " + " | ".join(row) + " |")

@@ -25,7 +25,10 @@ from ..store import amend_cells, prepare
 from ..sweep import run_sweep
 from .common import MapCache, check_grid, fit_config, fitter, steering
 
-__all__ = ["ToxicityData", "fill_judge_metrics", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
+#: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
+REF_PPL_TOKENS = 50
+
+__all__ = ["REF_PPL_TOKENS", "ToxicityData", "fill_judge_metrics", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ def toxicity_config(model_name: str | None, fit: FitOptions, d: ToxicityData, da
     return {
         "task": "toxicity", "model": model_name, **fit_config(fit), "data_seed": data_seed, **d.descriptions,
         "clean_ppl": "token-weighted: exp(sum nll / sum tokens)",
+        "factual_ppl": "token-weighted, the true statements of the capability pairs",
+        "factual_ppl_ref": f"mean per-sentence PPL of the true statements, first {REF_PPL_TOKENS} tokens (the reference's definition)",
         "n_prompts": len(d.prompts), "n_fit": min(len(d.source), len(d.target)), "n_clean": len(d.clean_texts),
         "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
         "ppl_model": ppl_model,
@@ -129,7 +134,10 @@ def toxicity_cell(model: nn.Module, tokenizer: Any, maps: Callable, d: ToxicityD
             if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(d.clean_texts), d.clean_texts, batch_size=batch_size, progress=progress, desc=f"{label}: clean PPL")
                 mc = mc_scores(model, tokenizer, d.capability_pairs, batch_size=batch_size, progress=progress)
-                fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
+                facts = continuation_nll(model, tokenizer, [""] * len(d.capability_pairs), [t for t, _ in d.capability_pairs],
+                                         batch_size=batch_size, progress=progress, desc=f"{label}: factual PPL", max_tokens=REF_PPL_TOKENS)
+                fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "factual_ppl": corpus_perplexity(facts),
+                                        "factual_ppl_ref": perplexity(facts), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
         row = toxicity_metrics(judge, conts)
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, d.prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
@@ -185,12 +193,16 @@ def toxicity_sweep(
     * ``ppl_other`` — the same under ``ppl_model``, a different (larger) model, when given
       (the stand-in for the paper's Mistral-7B perplexity);
     * ``clean_ppl`` — token-weighted perplexity of held-out clean text under the steered
-      model (stand-in for PPL-Wikipedia);
+      model (comments, the fitting data's own domain);
+    * ``factual_ppl`` — token-weighted perplexity of the capability pairs' true statements
+      (well-formed encyclopedic sentences the maps were not fitted on: the fairer stand-in for
+      PPL-Wikipedia); ``factual_ppl_ref`` — their mean per-sentence perplexity on at most
+      :data:`REF_PPL_TOKENS` tokens, the reference implementation's definition;
     * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
       the false one under the steered model (stand-in for MMLU); ``capability_norm`` the same
       on log-likelihood per token (the summed one favours the shorter, usually false, statement).
 
-    ``clean_ppl`` and ``capability`` do not depend on the seed: they are computed once per
+    ``clean_ppl``, ``factual_ppl*`` and ``capability`` do not depend on the seed: they are computed once per
     (method, λ) and repeated in each of its cells.
 
     Args:
@@ -212,7 +224,7 @@ def toxicity_sweep(
 
     Returns:
         Per-cell rows ``{method, strength, seed, toxic_share, [toxic_share_bal, toxic_score,] ppl_unsteered, [ppl_other,]
-        clean_ppl, capability, capability_norm, elapsed_s}``.
+        clean_ppl, factual_ppl, factual_ppl_ref, capability, capability_norm, elapsed_s}``.
     """
     fit = fit or FitOptions()
     check_grid(methods, strengths, seeds)
