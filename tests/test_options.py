@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 
 import pytest
+import torch
 
 import acttransport as at
 from acttransport.cli import build_parser
@@ -42,7 +43,20 @@ def test_flags_round_trip_into_options():
 def test_help_shows_the_dataclass_defaults():
     text = " ".join(_parser().format_help().split())
     assert f"(default: {FitOptions.batch_size})" in text and f"(default: {FitOptions.max_length})" in text
-    assert f"(default: {FitOptions.method})" in text and f"(default: {FitOptions.support})" in text
+    assert f"(default: {FitOptions.method})" in text and "default: the method's own (all for mean and gaussian" in text
+
+
+def test_support_defaults_to_the_methods_own(llama, tok, texts):
+    assert FitOptions.support is None and FitOptions(method="mean").resolved_support == "all"
+    assert FitOptions(method="gaussian").resolved_support == "all" and FitOptions().resolved_support == "observed"
+    assert FitOptions(method="mean", support="observed").resolved_support == "observed"  # a given support wins
+    spec = "model.layers.0.post_attention_layernorm"
+    mean = at.estimate(llama, tok, *texts, modules=spec, method="mean", progress=False)
+    linear = at.estimate(llama, tok, *texts, modules=spec, progress=False)
+    assert mean.config.support == "all" and bool(torch.isinf(mean.maps[spec].lower).all())
+    assert linear.config.support == "observed" and bool(torch.isfinite(linear.maps[spec].lower).all())
+    with pytest.raises(ConfigError, match="support"):
+        at.register_method("bad-support", lambda a, b: None, support="everywhere")
 
 
 def test_python_defaults_are_the_options_defaults(llama, tok, texts):

@@ -69,7 +69,8 @@ class FitOptions:
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
                                            "of a tuple output) or @preset; default: the architecture's preset", nargs="+")
     method: str = _opt("linear", "estimator (linear = Linear-AcT; see docs/METHODS.md)", choices="methods")
-    support: str = _opt("observed", "where the map applies: observed (the source's min/max, the paper's Q_o) | all | quantile:Q")
+    support: str | None = _opt(None, "where the map applies: observed (the source's min/max, the paper's Q_o) | all | quantile:Q; "
+                                     "default: the method's own (all for mean and gaussian, as the reference; observed otherwise)")
     pooling: str | None = _opt(None, "pooling over tokens; default: the method's own", choices="poolings")
     causal: bool = _opt(True, "fit all modules on unsteered activations (faster, less accurate)", negate="--no-causal")
     condition: str = _opt("both", "causal estimation: push both sets through the earlier maps (both, as the reference does) "
@@ -97,7 +98,8 @@ class FitOptions:
             mods = tuple(mods)
         object.__setattr__(self, "modules", mods)
         info = method_info(self.method)
-        parse_support(self.support)
+        if self.support is not None:
+            parse_support(self.support)
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
         if not isinstance(self.causal, bool):
@@ -129,6 +131,11 @@ class FitOptions:
     def info(self) -> MethodInfo:
         """The method's registry entry."""
         return method_info(self.method)
+
+    @property
+    def resolved_support(self) -> str:
+        """``support``, or the method's default when it is None."""
+        return self.support or self.info.support
 
     @property
     def resolved_pooling(self) -> str:

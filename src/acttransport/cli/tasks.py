@@ -132,7 +132,7 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
         return _run_t2i(a, out, model)
     a.model, a.methods = a.model or "smollm2-135m", a.methods or ["linear", "mean"]
     concept = a.task == "concept"
-    fit = fit_options_from_args(a, FitOptions(support="all" if concept else "observed"))  # checked before the model loads
+    fit = fit_options_from_args(a, FitOptions(support="all" if concept else None))  # None: each method's own; checked before the model loads
     if model is None:
         from .common import load_lm
 
@@ -235,7 +235,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     for d in a.dirs:
         results = load_results(d)
         cfg = results.get("config", {})
-        print(f"### {d}: {cfg.get('task', '?')} on {cfg.get('model', '?')} (modules {cfg.get('modules')}, support {cfg.get('support')})\n")
+        modules, support = cfg.get("modules") or "the default preset", cfg.get("support") or "each method's own: all for mean and gaussian, else observed"
+        print(f"### {d}: {cfg.get('task', '?')} on {cfg.get('model', '?')} (modules {modules}, support {support})\n")
         print(report(results) + "\n")
         if a.plot and cfg.get("task") == "toxicity":
             print(f"plot: {plot_tradeoff(results, Path(d) / 'tradeoff.png', y=toxic_metric(results))}\n")

@@ -188,7 +188,7 @@ def estimate(
             f: Fitted = info.fit(a, b, **opts.method_options)
         except DataError as e:
             raise DataError(f"{spec}: {e}") from None
-        lo, hi = support_bounds(a, opts.support)
+        lo, hi = support_bounds(a, opts.resolved_support)
         flat.setdefault(spec, []).append(int(f.degenerate.sum()))
         return ModuleMap(f.scale, f.shift, lo, hi, f.knots_x, f.knots_y)
 
@@ -214,7 +214,7 @@ def estimate(
             notes.append(line)
     per_step = n_steps > 1
     cfg = TransportConfig(
-        method=opts.method, support=opts.support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
+        method=opts.method, support=opts.resolved_support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
         model=runner.model_id, n_samples=n, seed=opts.seed, data=data, options=dict(opts.method_options), notes=tuple(notes),
         spatial=opts.spatial, halves=opts.halves if n_steps > 1 or getattr(runner, "denoiser", None) else "both",
         condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),

@@ -110,6 +110,7 @@ def fit_quantile(a: Tensor, b: Tensor, *, knots: int = 32) -> Fitted:
 
 
 register_method("linear", fit_linear, paper="Rodriguez et al. 2024, Linear-AcT")
-register_method("mean", fit_mean, paper="Rodriguez et al. 2024, Mean-AcT")
-register_method("gaussian", fit_gaussian, paper="diagonal Gaussian OT")
+# Mean-AcT and the Gaussian map apply everywhere by default, as in the reference implementation.
+register_method("mean", fit_mean, paper="Rodriguez et al. 2024, Mean-AcT", support="all")
+register_method("gaussian", fit_gaussian, paper="diagonal Gaussian OT", support="all")
 register_method("quantile", fit_quantile, paper="monotone univariate OT (beyond Rodriguez et al. 2024)")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..transport.support import parse_support
 
 __all__ = ["Fitted", "METHODS", "MethodInfo", "method_info", "register_method"]
 
@@ -44,6 +45,7 @@ class MethodInfo:
         name: the name it is registered under.
         fit: the estimator, ``fit(a [n, d], b [m, d], **options) -> Fitted``.
         pooling: its default pooling (``mean``, ``last`` or ``max``).
+        support: its default support (``observed``, ``all`` or ``quantile:Q``).
         unbounded: its strength may exceed 1 in the method's own paper.
         paper: where it comes from.
         options: its keyword options with their defaults (read off ``fit``'s signature).
@@ -55,6 +57,7 @@ class MethodInfo:
     unbounded: bool = False
     paper: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    support: str = "observed"
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raises ConfigError for an option ``fit`` does not take, listing the ones it does."""
@@ -68,7 +71,7 @@ METHODS: dict[str, MethodInfo] = {}
 
 
 def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "mean", unbounded: bool = False,
-                    paper: str = "", replace: bool = False) -> MethodInfo:
+                    paper: str = "", replace: bool = False, support: str = "observed") -> MethodInfo:
     """Registers an estimator under ``name`` (estimate, the CLI and the sweeps then accept it).
 
     Args:
@@ -79,6 +82,7 @@ def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "me
         unbounded: strengths above 1 are normal for this method.
         paper: a citation shown in docs and configs.
         replace: allow re-registering an existing name.
+        support: default support when the caller gives none.
 
     Raises:
         ConfigError: the name is taken (and ``replace`` is False) or ``pooling`` is unknown.
@@ -89,7 +93,8 @@ def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "me
         raise ConfigError(f"pooling must be mean, last or max, got {pooling!r}")
     params = list(inspect.signature(fit).parameters.values())[2:]
     options = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in params}
-    info = MethodInfo(name, fit, pooling, unbounded, paper, options)
+    parse_support(support)
+    info = MethodInfo(name, fit, pooling, unbounded, paper, options, support)
     METHODS[name] = info
     return info
 
