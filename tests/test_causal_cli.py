@@ -206,3 +206,18 @@ def test_cli_strength_outside_unit_interval_needs_opt_in(model_dir, tmp_path, ca
     assert cli.main(base) == 2
     assert "allow-unbounded" in capsys.readouterr().err
     assert cli.main(base + ["--allow-unbounded"]) == 0
+
+
+def test_cli_fit_with_a_budget_prints_the_frontier_and_saves_the_choice(model_dir, tmp_path, capsys):
+    src, tgt = _files(tmp_path)
+    (tmp_path / "fluency.txt").write_text("\n".join(SRC[:4] + TGT[:4]) + "\n")
+    base = ["fit", str(model_dir), "--source", src, "--target", tgt, "--fluency-texts", str(tmp_path / "fluency.txt"), "--support", "all"]
+    assert cli.main(base + ["-o", str(tmp_path / "m"), "--budget", "ppl=+1000%"]) == 0
+    out = capsys.readouterr().out
+    assert "| subset | modules | λ |" in out and "chosen:" in out
+    cfg = json.loads((tmp_path / "m" / "transport_config.json").read_text())
+    assert any("selected by acttransport.select" in n for n in cfg["notes"]) and cfg["strength"] in (0.25, 0.5, 0.75, 1.0)
+    assert cfg["diagnostics"]["strength"] == cfg["strength"]
+    assert cli.main(base + ["-o", str(tmp_path / "none"), "--budget", "ppl=-99%"]) == 2
+    assert "no configuration within the budget" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert cli.main(base + ["-o", str(tmp_path / "bad"), "--budget", "lots"]) == 2

@@ -60,3 +60,42 @@ def test_diagnose_on_a_tiny_model_is_stored_and_reloaded(tmp_path):
     assert back.interpolate(0.5).config.diagnostics == {}  # an edited map is another map
     text = summarize(diag)
     assert "in-sample" in text and "overshot at" in text and spec[-1] in text
+
+
+def test_layer_subsets_and_budget_parsing():
+    from acttransport.selection import layer_subsets, parse_budget
+
+    specs = [f"model.layers.{i}.{k}" for i in range(6) for k in ("input_layernorm", "post_attention_layernorm")]
+    subs = layer_subsets(specs)
+    assert list(subs) == ["all", "every-2nd", "every-3rd", "first-half", "second-half"]
+    assert subs["every-3rd"] == [s for s in specs if ".0." in s or ".3." in s] and len(subs["first-half"]) == 6
+    assert list(layer_subsets(specs[:4])) == ["all"]  # two layers: nothing to choose between
+    assert parse_budget("ppl=+5%") == pytest.approx(0.05) == parse_budget("5%") == parse_budget(0.05)
+    assert parse_budget("-3%") == pytest.approx(-0.03)
+    for bad in ("five", "inf"):
+        with pytest.raises(at.ConfigError, match="budget"):
+            parse_budget(bad)
+
+
+def test_select_never_returns_a_configuration_over_budget():
+    from acttransport.generation import continuation_nll, corpus_perplexity
+    from acttransport.selection import select
+
+    llama, tok = make_llama(layers=4), make_tokenizer()
+    src, tgt = sentences(24, 2, 100, seed=1), sentences(24, 150, 300, seed=2)
+    fluency = sentences(12, 100, 300, seed=4)
+    opts = at.FitOptions(modules=(r"model\.layers\.\d+\.post_attention_layernorm",), support="all")
+    wide = select(llama, tok, src, tgt, fluency, budget=100.0, strengths=(0.5, 1.0), options=opts, progress=False)
+    assert len(wide.frontier) == 2 * 5 and all(c.within for c in wide.frontier)
+    assert wide.best.reach == max(c.reach for c in wide.frontier)  # no real budget: the largest reach
+    rises = sorted(c.ppl_rise for c in wide.frontier)
+    cap = (rises[0] + rises[1]) / 2 if rises[0] < rises[1] else rises[0]  # admits the cheapest candidate(s) only
+    tight = select(llama, tok, src, tgt, fluency, budget=cap, strengths=(0.5, 1.0), options=opts, progress=False)
+    assert tight.best is not None and tight.best.ppl_rise <= cap and all(c.within == (c.ppl_rise <= cap) for c in tight.frontier)
+    with at.steer(llama, tight.tmap, tight.best.strength):  # re-measured: within budget
+        ppl = corpus_perplexity(continuation_nll(llama, tok, [""] * len(fluency), fluency, progress=False))
+    assert ppl / tight.base_ppl - 1 <= cap + 1e-9 and tight.tmap.config.strength == tight.best.strength
+    assert len(tight.tmap.modules) == tight.best.n_modules and "selected by acttransport.select" in tight.tmap.config.notes[-1]
+    none = select(llama, tok, src, tgt, fluency, budget=rises[0] - 0.01, strengths=(0.5, 1.0), options=opts, progress=False)
+    assert none.tmap is None and none.best is None and not any(c.within for c in none.frontier)
+    assert "| subset | modules | λ |" in wide.table()

