@@ -212,7 +212,9 @@ def test_cli_fit_with_a_budget_prints_the_frontier_and_saves_the_choice(model_di
     src, tgt = _files(tmp_path)
     (tmp_path / "fluency.txt").write_text("\n".join(SRC[:4] + TGT[:4]) + "\n")
     base = ["fit", str(model_dir), "--source", src, "--target", tgt, "--fluency-texts", str(tmp_path / "fluency.txt"), "--support", "all"]
-    assert cli.main(base + ["-o", str(tmp_path / "m"), "--budget", "ppl=+1000%"]) == 0
+    assert cli.main(base + ["-o", str(tmp_path / "m"), "--budget", "ppl=+1000%", "--frontier", str(tmp_path / "f.json")]) == 0
+    front = json.loads((tmp_path / "f.json").read_text())
+    assert len(front["frontier"]) == 4 * 1 and front["chosen"]["within"] and (tmp_path / "f.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "| subset | modules | λ |" in out and "chosen:" in out
     cfg = json.loads((tmp_path / "m" / "transport_config.json").read_text())

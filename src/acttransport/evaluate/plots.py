@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from .grid import UNSTEERED
 from .results import metric_names
 
-__all__ = ["plot_sweep", "plot_tradeoff", "save_png"]
+__all__ = ["plot_frontier", "plot_sweep", "plot_tradeoff", "save_png"]
 
 
 def plot_sweep(results: dict[str, Any] | Sequence[dict[str, Any]], metric: str, path: str | os.PathLike, log: bool = False) -> Path:
@@ -99,6 +99,37 @@ def plot_tradeoff(results: dict[str, Any], path: str | os.PathLike, x: str = "cl
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_frontier(frontier: Sequence[dict[str, Any]], path: str | os.PathLike, budget: float | None = None,
+                  chosen: dict[str, Any] | None = None) -> Path:
+    """Reach vs perplexity rise of every configuration :func:`acttransport.selection.select`
+    explored (rows as in its ``Candidate``), one line per module subset with λ annotated, the
+    budget as a vertical line and the choice circled."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    try:
+        for i, name in enumerate(dict.fromkeys(c["subset"] for c in frontier)):
+            pts = [c for c in frontier if c["subset"] == name and c.get("reach") is not None]
+            xs, ys = [100 * c["ppl_rise"] for c in pts], [c["reach"] for c in pts]
+            ax.plot(xs, ys, marker="os^vD<>ph*"[i % 10], label=f"{name} ({pts[0]['n_modules'] if pts else 0} modules)")
+            for c, xv, yv in zip(pts, xs, ys):
+                ax.annotate(f"{c['strength']:g}", (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if budget is not None:
+            ax.axvline(100 * budget, color="grey", linestyle="--", linewidth=1, label=f"budget {100 * budget:+g}%")
+        if chosen is not None:
+            ax.scatter([100 * chosen["ppl_rise"]], [chosen["reach"]], s=160, facecolors="none", edgecolors="black", label="chosen")
+        ax.set_xlabel("perplexity rise on the fluency texts (%)")
+        ax.set_ylabel("reach at the last module (1 = at the target)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         return save_png(fig, path)
