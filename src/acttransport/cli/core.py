@@ -162,7 +162,10 @@ def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], li
     """Diagnostics on up to ``n`` sentences per side that the fit did not see (in-sample when a side has none left)."""
     from ..diagnose import diagnose, summarize
 
-    left = [subsample([t for t in f if t not in set(u)], n, opts.seed + 2) for f, u in zip(full, used)]
+    left = []
+    for f, u in zip(full, used):
+        seen = set(u)
+        left.append(subsample([t for t in f if t not in seen], n, opts.seed + 2))
     held = all(left)
     src, tgt = left if held else (subsample(used[0], n, opts.seed + 2), subsample(used[1], n, opts.seed + 3))
     diag = diagnose(model, tok, tmap, src, tgt, strength=tmap.config.strength, held_out=held, batch_size=opts.batch_size, max_length=opts.max_length, progress=False)
