@@ -188,6 +188,8 @@ def test_cli_modules_fit_generate(model_dir, tmp_path, capsys):
     (["generate", "{model}", "--map", "{tmp}/missing", "--prompt", "w1"], "not found"),
     (["modules", "{model}", "@nosuchpreset"], "unknown preset"),
     (["fit", "{model}", "-o", "{tmp}/m", "--source", "{src}", "--target", "{tgt}", "--diagnose", "-1"], "--diagnose"),
+    (["fit", "{model}", "-o", "{tmp}/m", "--source", "{src}", "--target", "{tgt}", "--frontier", "{tmp}/f.json"], "go with --budget"),
+    (["fit", "toy-t2i", "-o", "{tmp}/m", "--source", "{src}", "--target", "{tgt}", "--budget", "5%"], "text-to-image pipeline"),
 ])
 def test_cli_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, argv, needle):
     src, tgt = _files(tmp_path)

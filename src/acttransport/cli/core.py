@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..options import add_fit_arguments, fit_options_from_args
 from .common import MODEL_HELP, load_lm, read_lines, subsample
 from .diffusion import add_runner_arguments, fit_pipeline
@@ -87,7 +87,11 @@ def cmd_fit(a: argparse.Namespace) -> None:
     opts = fit_options_from_args(a)  # bad options fail before the slow model load
     from ..assets import is_pipeline_name
 
+    if (a.fluency_texts or a.frontier) and not a.budget:
+        raise ConfigError("--fluency-texts and --frontier go with --budget")
     if a.pipeline or is_pipeline_name(a.model):
+        if a.budget:
+            raise ConfigError("--budget chooses modules by a language model's perplexity; it does not apply to a text-to-image pipeline")
         return fit_pipeline(a, opts)
     if a.data:
         from ..assets import load_pair_dataset
