@@ -17,11 +17,23 @@ from conftest import make_llama, make_tokenizer, sentences
 
 def test_mean_progress_is_one_unmoved_zero_at_target_negative_past_it():
     src, tgt = torch.tensor([[2.0, 0.0], [4.0, 2.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])  # means (3, 1) and (0, 1)
-    assert mean_progress(src, src, tgt) == pytest.approx(1.0)
-    assert mean_progress(src, tgt, tgt) == pytest.approx(0.0)
-    assert mean_progress(src, src - 4.5, tgt) == pytest.approx(-0.5)  # mean (-1.5, ...): half a gap past the target
-    assert mean_progress(src, src + torch.tensor([0.0, 5.0]), tgt) == pytest.approx(1.0)  # orthogonal moves do not count
+    raw = dict(debias=False)
+    assert mean_progress(src, src, tgt, **raw) == pytest.approx(1.0) and mean_progress(src, src, tgt) == pytest.approx(1.0)
+    assert mean_progress(src, tgt, tgt, **raw) == pytest.approx(0.0)
+    assert mean_progress(src, src - 4.5, tgt, **raw) == pytest.approx(-0.5)  # mean (-1.5, ...): half a gap past the target
+    assert mean_progress(src, src + torch.tensor([0.0, 5.0]), tgt, **raw) == pytest.approx(1.0)  # orthogonal moves do not count
     assert mean_progress(tgt, tgt, tgt) != mean_progress(tgt, tgt, tgt)  # NaN: no direction
+
+
+def test_debiased_progress_is_not_pulled_toward_unmoved_by_noise():
+    g = torch.Generator().manual_seed(0)
+    d, n = 400, 64
+    gap = torch.zeros(d)
+    gap[:20] = 0.5  # ‖Δ‖² = 5, against a noise of 2·400/64 = 12.5 in the raw squared gap
+    src, tgt = torch.randn(n, d, generator=g) + gap, torch.randn(n, d, generator=g)
+    half = src - 0.5 * gap + 0.1 * torch.randn(n, d, generator=g)  # truly halfway
+    assert mean_progress(src, half, tgt, debias=False) > 0.75  # the raw estimate says "barely moved"
+    assert mean_progress(src, half, tgt) == pytest.approx(0.5, abs=0.15)
     with pytest.raises(DataError, match="units"):
         mean_progress(src, src[:, :1], tgt)
 
@@ -52,8 +64,11 @@ def test_diagnose_on_a_tiny_model_is_stored_and_reloaded(tmp_path):
     assert first["w1_before"] == pytest.approx(float(wasserstein1(a, b).mean()), rel=1e-5)
     assert first["w1_after"] == pytest.approx(float(wasserstein1(a * m.scale + m.shift, b).mean()), rel=1e-4)  # pooled T(a) = T(pooled a)
     assert first["w1_after"] < first["w1_before"]
-    none = diagnose(llama, tok, tmap, src, tgt, strength=0.0, progress=False)
+    none = diagnose(llama, tok, tmap, src, tgt, strength=0.0, held_out=False, progress=False)
     assert all(m["progress"] == pytest.approx(1.0) and m["w1_after"] == pytest.approx(m["w1_before"]) for m in none["modules"].values())
+    # debiased (held-out), an unmoved source is still at 1 — or None where the tiny model's two sets are not told apart
+    none = diagnose(llama, tok, tmap, src, tgt, strength=0.0, progress=False)
+    assert all(m["progress"] is None or m["progress"] == pytest.approx(1.0) for m in none["modules"].values())
     saved = tmap.__class__(tmap.maps, tmap.config.replace(diagnostics=diag)).save(tmp_path / "m")
     back = at.load(saved, model=llama)
     assert back.config.diagnostics == json.loads(json.dumps(diag))
@@ -87,7 +102,7 @@ def test_select_never_returns_a_configuration_over_budget():
     opts = at.FitOptions(modules=(r"model\.layers\.\d+\.post_attention_layernorm",), support="all")
     wide = select(llama, tok, src, tgt, fluency, budget=100.0, strengths=(0.5, 1.0), options=opts, progress=False)
     assert len(wide.frontier) == 2 * 5 and all(c.within for c in wide.frontier)
-    assert wide.best.reach == max(c.reach for c in wide.frontier)  # no real budget: the largest reach
+    assert wide.best.reach == max(c.reach for c in wide.frontier if c.reach is not None)  # no real budget: the largest reach
     rises = sorted(c.ppl_rise for c in wide.frontier)
     cap = (rises[0] + rises[1]) / 2 if rises[0] < rises[1] else rises[0]  # admits the cheapest candidate(s) only
     tight = select(llama, tok, src, tgt, fluency, budget=cap, strengths=(0.5, 1.0), options=opts, progress=False)

@@ -6,7 +6,8 @@ on sentences (ideally held out from the fit) with the map applied at strength λ
 
 * ``progress`` — the steered source mean on the line from the target mean (0) to the source
   mean (1): 1 = not moved, 0 = at the target, < 0 = overshot
-  (:func:`~acttransport.transport.mean_progress`);
+  (:func:`~acttransport.transport.mean_progress`, debiased for the means' sampling noise on
+  held-out sentences; None when the two sets' means are not told apart at this sample size);
 * ``w1_before`` / ``w1_after`` — the mean over units of the 1-D Wasserstein-1 distance from the
   (unsteered / steered) source to the target (:func:`~acttransport.transport.wasserstein1`).
 """
@@ -80,7 +81,8 @@ def diagnose(
     modules = {}
     for spec in where:
         a, b, s = _flat(src[spec]), _flat(tgt[spec]), _flat(moved[spec])
-        modules[spec] = {"progress": _num(mean_progress(a, s, b)), "w1_before": _num(float(wasserstein1(a, b).mean())),
+        # held-out: take the means' sampling noise out; in-sample the map was fitted to these very means
+        modules[spec] = {"progress": _num(mean_progress(a, s, b, debias=held_out)), "w1_before": _num(float(wasserstein1(a, b).mean())),
                          "w1_after": _num(float(wasserstein1(s, b).mean()))}
     return {"strength": float(strength), "n_source": len(source or []), "n_target": len(target or []), "held_out": bool(held_out),
             "modules": modules}

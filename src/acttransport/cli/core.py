@@ -221,9 +221,9 @@ def add_core_commands(sub: Any) -> None:
     f.add_argument("--source", help="file of source sentences (behaviour to move away from), one per line or .jsonl")
     f.add_argument("--target", help="file of target sentences (behaviour to move towards)")
     f.add_argument("--max-samples", type=int, default=None, help="use at most N sentences per set (seeded subsample)")
-    f.add_argument("--diagnose", type=int, default=64, metavar="N",
-                   help="language models: measure where the map moves N source / target sentences left out of the fit (in-sample "
-                        "when none are left), store it in the map and print a summary (default 64; 0 skips)")
+    f.add_argument("--diagnose", type=int, default=256, metavar="N",
+                   help="language models: measure where the map moves up to N source / target sentences left out of the fit "
+                        "(in-sample when none are left), store it in the map and print a summary (default 256; 0 skips)")
     f.add_argument("--budget", metavar="ppl=+X%",
                    help="language models: choose the module subset (all / every 2nd / every 3rd layer / first / second half) and λ of "
                         "largest reach toward the target whose perplexity rise on --fluency-texts stays within X%%, on a quarter of "
