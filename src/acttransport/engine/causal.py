@@ -21,10 +21,9 @@ from torch import Tensor, nn
 
 from ..errors import ActTransportError, ModuleMatchError
 from ..runners import Batch, Runner
-from ..targets.layouts import apply_map
-from ..targets.names import add_hooks, pick_output, remove_hooks, replace_output
+from ..targets.names import add_hooks, pick_output, remove_hooks
 from ..transport.maps import ModuleMap
-from .collect import Site, steer_rows
+from .collect import Site, apply_to_rows
 
 __all__ = ["fit_causal_one_pass"]
 
@@ -87,9 +86,7 @@ def fit_causal_one_pass(
             go[bi].acquire()
             if state["abort"] or site == last:
                 raise _Abort  # nothing after the last site is needed
-            new = apply_map(x, fitted[site], 1.0, spatial)
-            mask = steer_rows(batches[bi].rows, source_rows, halves, x)
-            return replace_output(output, spec, new if mask is None else torch.where(mask, new, x))
+            return apply_to_rows(output, spec, fitted[site], spatial, batches[bi].rows, source_rows, halves)
 
         return hook
 

@@ -20,7 +20,7 @@ from ..targets.layouts import POOLINGS, apply_map
 from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 
-__all__ = ["Site", "check_texts", "collect", "collect_sites", "execution_order", "steer_rows"]
+__all__ = ["Site", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "steer_rows"]
 
 Site = tuple[str, int]
 
@@ -68,6 +68,15 @@ def steer_rows(rows: Sequence[int], source_rows: int | None, halves: str, x: Ten
     if cond_only:
         mask[: len(rows)] = False  # the unconditional half, first in diffusers' [uncond, cond]
     return mask.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def apply_to_rows(output: Any, spec: str, m: ModuleMap, spatial: str, rows: Sequence[int], source_rows: int | None, halves: str) -> Any:
+    """``output`` with ``m`` applied at λ=1 to ``spec``'s tensor on the rows :func:`steer_rows`
+    picks (how estimation applies fitted maps while later modules are fitted)."""
+    x = pick_output(output, spec)
+    new = apply_map(x, m, 1.0, spatial)
+    mask = steer_rows(rows, source_rows, halves, x)
+    return replace_output(output, spec, new if mask is None else torch.where(mask, new, x))
 
 
 @torch.inference_mode()
@@ -147,13 +156,7 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
         return hook
 
     def make_apply(spec: str):
-        def hook(module, args, output):
-            x = pick_output(output, spec)
-            new = apply_map(x, apply[spec], 1.0, spatial)
-            mask = steer_rows(state["batch"].rows, source_rows, halves, x)
-            return replace_output(output, spec, new if mask is None else torch.where(mask, new, x))
-
-        return hook
+        return lambda module, args, output: apply_to_rows(output, spec, apply[spec], spatial, state["batch"].rows, source_rows, halves)
 
     batches = runner.batches(items)
     handles = add_hooks(runner.model, list(apply or {}), make_apply)
