@@ -48,6 +48,7 @@ def diagnose(
     strength: float = 1.0,
     held_out: bool = True,
     at: Sequence[str] | None = None,
+    unsteered: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
     batch_size: int = FitOptions.batch_size,
     max_length: int = FitOptions.max_length,
     progress: bool = True,
@@ -63,6 +64,9 @@ def diagnose(
         held_out: whether the sentences were held out from the fit (recorded, not checked).
         at: module specs to measure at (default: the map's own); any module of the model, e.g.
             the last layer when the map covers only some layers.
+        unsteered: the unsteered pooled activations ``({spec: [n, d]}, {spec: [m, d]})`` of
+            ``source`` and ``target`` at those modules, when already collected (e.g. by a caller
+            that diagnoses several maps on the same sentences); None: collected here.
         batch_size, max_length: as in :func:`~acttransport.estimate`.
 
     Returns:
@@ -75,7 +79,7 @@ def diagnose(
     runner = runner_for(model, tokenizer, batch_size=batch_size, max_length=max_length)
     where = list(at) if at is not None else tmap.modules
     kw = dict(modules=where, pooling=tmap.config.pooling, progress=False)
-    src, tgt = collect(runner, texts=source, **kw), collect(runner, texts=target, **kw)
+    src, tgt = unsteered if unsteered is not None else (collect(runner, texts=source, **kw), collect(runner, texts=target, **kw))
     with steer(getattr(runner, "pipe", runner.model), tmap, strength, allow_unbounded=True):  # a pipeline is steered whole
         moved = collect(runner, texts=source, **kw)
     modules = {}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .artifact import TransportMap
 from .diagnose import diagnose
-from .engine import check_texts, estimate
+from .engine import check_texts, collect, estimate
 from .errors import ConfigError, DataError
 from .generation import continuation_nll, corpus_perplexity
 from .options import FitOptions
@@ -202,16 +202,19 @@ def select(
     frontier: list[Candidate] = []
     maps: dict[str, TransportMap] = {}
     probe: str | None = None
+    unsteered: tuple[dict, dict] | None = None  # the held-out sentences at the probe, collected once
     bar = tqdm(total=len(subsets) * len(strengths), desc="select", unit="config", disable=not progress)
     for name, specs in subsets.items():
         tmap = estimate(model, tokenizer, fit_src, fit_tgt, options=opts.replace(modules=tuple(specs)), progress=False)
         maps[name] = tmap
-        probe = probe or tmap.modules[-1]  # the first subset (``all``) ends at the last module
+        if probe is None:
+            probe = tmap.modules[-1]  # the first subset (``all``) ends at the last module
+            kw = dict(modules=[probe], pooling=tmap.config.pooling, progress=False)
+            unsteered = collect(runner, texts=held_src, **kw), collect(runner, texts=held_tgt, **kw)
         for lam in strengths:
             with steer(model, tmap, float(lam)):
                 p = ppl()
-            diag = diagnose(model, tokenizer, tmap, held_src, held_tgt, strength=float(lam), at=[probe],
-                            batch_size=opts.batch_size, max_length=opts.max_length, progress=False)
+            diag = diagnose(runner, None, tmap, held_src, held_tgt, strength=float(lam), at=[probe], unsteered=unsteered, progress=False)
             prog = diag["modules"][probe]["progress"]
             rise = p / base - 1
             frontier.append(Candidate(name, len(specs), float(lam), p, rise, prog, None if prog is None else 1 - abs(prog), rise <= cap))

@@ -111,14 +111,10 @@ def cmd_fit(a: argparse.Namespace) -> None:
     if opts.modules is None:
         print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
     t0 = time.time()
-    if a.budget:
-        tmap = _select(a, model, tok, source, target, opts)
-    else:
-        tmap = estimate(model, tok, source, target, data=desc, options=opts)
-    tmap = type(tmap)(tmap.maps, tmap.config.replace(data=desc))
+    tmap = _select(a, model, tok, source, target, opts) if a.budget else estimate(model, tok, source, target, options=opts)
     print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s")
     diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
-    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, diagnostics=diag))
+    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, data=desc, diagnostics=diag))
     print(f"map written to {tmap.save(a.out)}")
     for note in tmap.config.notes:
         print(f"  note: {note}")
