@@ -79,17 +79,38 @@ def test_diagnose_on_a_tiny_model_is_stored_and_reloaded(tmp_path):
 
 def test_layer_subsets_and_budget_parsing():
     from acttransport.selection import layer_subsets, parse_budget
+    from acttransport.targets import layer_of
 
     specs = [f"model.layers.{i}.{k}" for i in range(6) for k in ("input_layernorm", "post_attention_layernorm")]
     subs = layer_subsets(specs)
     assert list(subs) == ["all", "every-2nd", "every-3rd", "first-half", "second-half"]
     assert subs["every-3rd"] == [s for s in specs if ".0." in s or ".3." in s] and len(subs["first-half"]) == 6
     assert list(layer_subsets(specs[:4])) == ["all"]  # two layers: nothing to choose between
+    assert [layer_of(s) for s in ("model.layers.7.mlp", "model.layers.7", "x.3:1", "lm_head")] == [7, 7, 3, None]
     assert parse_budget("ppl=+5%") == pytest.approx(0.05) == parse_budget("5%") == parse_budget(0.05)
     assert parse_budget("-3%") == pytest.approx(-0.03)
     for bad in ("five", "inf"):
         with pytest.raises(at.ConfigError, match="budget"):
             parse_budget(bad)
+
+
+def test_layers_option_keeps_only_the_chosen_layers(texts):
+    from acttransport.targets import pick_layers
+
+    specs = [f"model.layers.{i}.{k}" for i in range(5) for k in ("a", "b")]
+    assert pick_layers(specs, "second-half") == [s for s in specs if int(s.split(".")[2]) >= 2]
+    assert pick_layers(specs, "1,3") == [s for s in specs if ".1." in s or ".3." in s] and pick_layers(specs, None) == specs
+    for rule, msg in (("7", "not among"), ("odd", "layers must be"), ("every-2nd", "no.*layer number")):
+        with pytest.raises(at.ConfigError, match=msg):
+            pick_layers(["lm_head"] if msg.startswith("no.") else specs, rule)
+    with pytest.raises(at.ConfigError, match="layers must be"):
+        at.FitOptions(layers="last")
+    model, tok = make_llama(layers=4), make_tokenizer()
+    src, tgt = texts
+    full = at.estimate(model, tok, src, tgt, modules=r"model\.layers\.\d+\.post_attention_layernorm", progress=False)
+    some = at.estimate(model, tok, src, tgt, modules=r"model\.layers\.\d+\.post_attention_layernorm", layers="every-2nd", progress=False)
+    assert some.modules == [full.modules[0], full.modules[2]]
+    assert torch.equal(some.maps[some.modules[0]].scale, full.maps[full.modules[0]].scale)  # the first layer sees no earlier map either way
 
 
 def test_select_never_returns_a_configuration_over_budget():

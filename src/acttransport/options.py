@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, DataError
 from .methods import METHODS, MethodInfo, method_info
+from .targets.layers import LAYER_RULES, check_layers
 from .targets.layouts import POOLINGS, SPATIAL
 from .transport.support import parse_support
 
@@ -42,6 +43,9 @@ class FitOptions:
         modules: module patterns (regex full-matched against ``named_modules()`` names, ``:k``
             for element k of a tuple output, ``@preset`` for a per-architecture set); None:
             the architecture's default preset (see ``targets.presets``).
+        layers: keep only some layers of the matched modules: ``every-2nd``, ``every-3rd``,
+            ``first-half``, ``second-half`` or comma-separated layer numbers (``"0,4,8"``);
+            None: every matched module (see ``targets.layers``).
         method: estimator name, a key of ``METHODS``.
         support: ``observed`` (the source's min/max, the paper's Q_o), ``all`` (Q∞) or
             ``quantile:Q``.
@@ -68,6 +72,8 @@ class FitOptions:
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
                                            "of a tuple output) or @preset; default: the architecture's preset", nargs="+")
+    layers: str | None = _opt(None, f"keep only some layers of the matched modules: {' | '.join(r for r in LAYER_RULES if r != 'all')} "
+                                    "or layer numbers like 0,4,8; default: all")
     method: str = _opt("linear", "estimator (linear = Linear-AcT; see docs/METHODS.md)", choices="methods")
     support: str | None = _opt(None, "where the map applies: observed (the source's min/max, the paper's Q_o) | all | quantile:Q; "
                                      "default: the method's own (all for mean and gaussian, as the reference; observed otherwise)")
@@ -98,6 +104,8 @@ class FitOptions:
             mods = tuple(mods)
         object.__setattr__(self, "modules", mods)
         info = method_info(self.method)
+        if self.layers is not None:
+            check_layers(self.layers)
         if self.support is not None:
             parse_support(self.support)
         if self.pooling is not None and self.pooling not in POOLINGS:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -34,12 +33,9 @@ from .generation import continuation_nll, corpus_perplexity
 from .options import FitOptions
 from .runners import runner_for
 from .steer import steer
-from .targets import match_modules
+from .targets import layer_subsets, match_modules, pick_layers
 
 __all__ = ["Candidate", "Selection", "layer_subsets", "parse_budget", "select"]
-
-_LAYER = re.compile(r"\.(\d+)\.")
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -115,29 +111,6 @@ def parse_budget(text: str | float) -> float:
     return value
 
 
-def layer_subsets(specs: Sequence[str]) -> dict[str, list[str]]:
-    """Candidate subsets of ``specs`` by layer index (the first number between dots in a name).
-
-    Returns:
-        ``{name: specs}``: ``all`` always; with at least 4 layers also ``every-2nd``,
-        ``every-3rd``, ``first-half``, ``second-half`` (duplicates of an earlier subset dropped).
-    """
-    specs = list(specs)
-    layer = {s: int(m.group(1)) if (m := _LAYER.search(s)) else -1 for s in specs}
-    layers = sorted(set(layer.values()))
-    out: dict[str, list[str]] = {"all": specs}
-    if len(layers) >= 4:
-        pos = {v: i for i, v in enumerate(layers)}
-        half = len(layers) // 2
-        rules = {"every-2nd": lambda i: i % 2 == 0, "every-3rd": lambda i: i % 3 == 0, "first-half": lambda i: i < half,
-                 "second-half": lambda i: i >= half}
-        for name, keep in rules.items():
-            chosen = [s for s in specs if keep(pos[layer[s]])]
-            if chosen and chosen not in out.values():
-                out[name] = chosen
-    return out
-
-
 def _split(texts: list[str], frac: float, rng: random.Random) -> tuple[list[str], list[str]]:
     idx = list(range(len(texts)))
     rng.shuffle(idx)
@@ -187,7 +160,7 @@ def select(
     texts = check_texts(list(fluency_texts), "fluency_texts")
     runner = runner_for(model, tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
     if subsets is None:
-        subsets = layer_subsets(match_modules(runner.model, opts.modules))
+        subsets = layer_subsets(pick_layers(match_modules(runner.model, opts.modules), opts.layers))
     if not subsets or any(not v for v in subsets.values()):
         raise ConfigError("subsets must map names to non-empty lists of module specs")
     rng = random.Random(opts.seed)
@@ -205,7 +178,7 @@ def select(
     unsteered: tuple[dict, dict] | None = None  # the held-out sentences at the probe, collected once
     bar = tqdm(total=len(subsets) * len(strengths), desc="select", unit="config", disable=not progress)
     for name, specs in subsets.items():
-        tmap = estimate(model, tokenizer, fit_src, fit_tgt, options=opts.replace(modules=tuple(specs)), progress=False)
+        tmap = estimate(model, tokenizer, fit_src, fit_tgt, options=opts.replace(modules=tuple(specs), layers=None), progress=False)
         maps[name] = tmap
         if probe is None:
             probe = tmap.modules[-1]  # the first subset (``all``) ends at the last module

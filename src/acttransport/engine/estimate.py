@@ -20,6 +20,7 @@ from ..errors import ConfigError, DataError
 from ..methods import Fitted
 from ..options import FitOptions
 from ..runners import Runner, runner_for
+from ..targets.layers import pick_layers
 from ..targets.names import match_modules
 from ..targets.presets import default_preset, model_type
 from ..transport.maps import ModuleMap
@@ -117,6 +118,7 @@ def estimate(
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     modules: str | Sequence[str] | None = None,
+    layers: str | None = None,
     method: str | None = None,
     support: str | None = None,
     pooling: str | None = None,
@@ -150,6 +152,7 @@ def estimate(
         target: ``m`` sentences with the behaviour to move towards (the larger set is
             subsampled to the smaller size with ``seed``).
         modules: patterns or specs of the outputs to transport; None: the default preset.
+        layers: keep only some layers of the matched modules (``every-2nd``, ``first-half``, ``"0,4,8"``, ...).
         method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves: see FitOptions.
         data: a description of the data, stored in the config.
         progress: show progress bars.
@@ -162,7 +165,7 @@ def estimate(
     Raises:
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
-    given = dict(method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
+    given = dict(layers=layers, method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
                  steps=steps, spatial=spatial, halves=halves)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
@@ -175,7 +178,7 @@ def estimate(
     runner = runner_for(model, tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
     if opts.modules is None:
         notes.append(f"no modules given: used {default_preset(runner.model)}, the default for {model_type(runner.model)}")
-    sites = execution_order(runner, match_modules(runner.model, opts.modules))
+    sites = execution_order(runner, pick_layers(match_modules(runner.model, opts.modules), opts.layers))
     timesteps = list(getattr(runner, "timesteps", []) or [])
     n_steps = _steps_per_module(sites, len(timesteps) or None)
     n = len(source)

@@ -35,7 +35,8 @@ def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int
 def fit_config(fit: FitOptions) -> dict[str, Any]:
     """The fitting options a sweep config records (the method varies per cell, the seed is the task's)."""
     d = fit.describe()
-    return {"modules": d["modules"], "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
+    layers = {"layers": d["layers"]} if d["layers"] is not None else {}  # absent when unset: older sweeps keep their hash
+    return {"modules": d["modules"], **layers, "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
             "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"]}
 
 
