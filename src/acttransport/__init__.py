@@ -8,11 +8,12 @@ Quick start::
         model.generate(...)
 
 ``__all__`` below is the supported API; everything else lives in subpackages (``methods``,
-``transport``, ``targets``, ``runners``, ``engine``, ``assets``, ``evaluate``) and may change.
+``transport``, ``targets``, ``runners``, ``engine``, ``bake``, ``assets``, ``evaluate``) and may change.
 """
 
 from ._version import __version__  # noqa: F401  (an attribute, not part of __all__)
 from .artifact import TransportConfig, TransportMap, compose
+from .bake import bake
 from .engine import collect, estimate
 from .errors import ActTransportError, ConfigError, DataError, MapFormatError, ModuleMatchError
 from .methods import METHODS, register_method
@@ -32,6 +33,7 @@ __all__ = [
     "ModuleMatchError",
     "TransportConfig",
     "TransportMap",
+    "bake",
     "collect",
     "compose",
     "estimate",

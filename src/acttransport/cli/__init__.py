@@ -1,7 +1,7 @@
-"""Command line: ``acttransport {modules,fit,generate,demo,eval,sweep,report} --help``.
+"""Command line: ``acttransport {modules,fit,generate,bake,images,train-toy,demo,eval,sweep,report} --help``.
 
 One file per command group: :mod:`.core` (the core loop on a model), :mod:`.diffusion`
-(text-to-image pipelines: fitting flags, ``images``, ``train-toy``), :mod:`.tasks`
+(text-to-image pipelines: fitting flags, ``images``, ``train-toy``), :mod:`.deploy` (``bake``), :mod:`.tasks`
 (evaluations and the demo, on top of :mod:`acttransport.evaluate`).
 """
 
@@ -14,6 +14,7 @@ from typing import Sequence
 from .._version import __version__
 from ..errors import ActTransportError
 from .core import add_core_commands
+from .deploy import add_deploy_commands
 from .diffusion import add_diffusion_commands
 from .tasks import add_commands
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_core_commands(sub)  # modules, fit, generate
+    add_deploy_commands(sub)  # bake
     add_diffusion_commands(sub)  # images, train-toy
     add_commands(sub)  # demo, eval, sweep, report
     return p
