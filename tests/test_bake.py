@@ -145,3 +145,31 @@ def test_cli_bake_writes_a_checkpoint_and_refuses_with_reasons(texts, tmp_path, 
     err = capsys.readouterr().err
     assert "6 of 6 modules cannot be baked" in err and "model.layers.0.input_layernorm: support observed" in err and "Traceback" not in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_control_vector_export_in_llama_cpp_layout(texts, tmp_path, capsys):
+    import gguf
+
+    from acttransport import cli
+    from acttransport.bake.control_vector import control_vectors
+
+    model, tok = make_llama(), make_tokenizer()
+    src, tgt = texts
+    tmap = at.estimate(model, tok, src, tgt, modules=r"model\.layers\.[12]", method="mean", progress=False)  # mean: support all
+    vecs = control_vectors(tmap, 0.5)
+    assert sorted(vecs) == [1, 2] and torch.allclose(vecs[2], 0.5 * tmap.maps["model.layers.2"].shift)
+    tmap.save(tmp_path / "map")
+    assert cli.main(["export", "--map", str(tmp_path / "map"), "--strength", "0.5", "-o", str(tmp_path / "cv.gguf")]) == 0
+    assert "wrote 2 control vectors (layers 1..2" in capsys.readouterr().out
+    r = gguf.GGUFReader(str(tmp_path / "cv.gguf"))
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    got = {t.name: torch.tensor(t.data.copy()) for t in r.tensors}
+    assert set(got) == {"direction.1", "direction.2"} and torch.allclose(got["direction.1"], vecs[1])
+    bad = at.estimate(model, tok, src, tgt, modules=[r"model\.layers\.[01]", r"model\.layers\.2\.mlp"], support="observed", progress=False)
+    with pytest.raises(at.ConfigError) as e:
+        control_vectors(bad)
+    text = str(e.value)
+    assert "3 of 3 modules" in text and "layer 0" in text and "scales" in text and "not a decoder layer's output" in text
+    obs = at.estimate(model, tok, src, tgt, modules=r"model\.layers\.1", method="mean", support="observed", progress=False)
+    with pytest.raises(at.ConfigError, match="support observed masks by value"):
+        control_vectors(obs)

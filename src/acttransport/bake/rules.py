@@ -28,7 +28,7 @@ from ..targets.names import split_spec
 from ..targets.presets import model_type
 from ..transport.maps import ModuleMap
 
-__all__ = ["ARCHS", "Arch", "Fold", "Plan", "describe", "norm_offset", "plan"]
+__all__ = ["ARCHS", "Arch", "Fold", "Plan", "bakeable", "describe", "norm_offset", "plan"]
 
 _ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _ATTN = _ATTN_IN + ("self_attn.o_proj",)
@@ -194,6 +194,18 @@ def plan(model: nn.Module, tmap: TransportMap, strength: float, approximate: boo
         if bounded:
             out.approximate.append(spec)
     return out
+
+
+def bakeable(model: nn.Module, specs: list[str]) -> dict[str, str]:
+    """For each module spec, ``""`` if an affine map with support ``all`` (and a non-zero
+    shift) on its output folds exactly into ``model``'s stock architecture, else the reason."""
+    from ..artifact import TransportConfig
+
+    one = torch.ones(1)
+    dummy = ModuleMap(one, one, torch.full((1,), -float("inf")), torch.full((1,), float("inf")))
+    p = plan(model, TransportMap({s: dummy for s in specs}, TransportConfig(support="all")), 1.0)
+    why = dict(p.refused)
+    return {s: why.get(s, "") for s in specs}
 
 
 def describe(p: Plan) -> str:

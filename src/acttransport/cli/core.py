@@ -72,12 +72,25 @@ def cmd_modules(a: argparse.Namespace) -> None:
     finally:
         remove_hooks(handles)
     print(f"{len(specs)} module(s) of {model_type(model)} match {a.patterns or f'{default_preset(model)} (default)'}:")
-    print(f"{'module':<60} {'width':>6}  dtype")
+    from ..bake.rules import ARCHS, bakeable
+
+    bakes = model_type(model) in ARCHS
+    why = bakeable(model, specs) if bakes else {}
+    print(f"{'module':<60} {'width':>6}  dtype" + ("     bake (support all)" if bakes else ""))
     for s in specs:
-        print(f"{s:<60} {shapes.get(s, '     -  (did not run)')}")
+        col = ("  yes" if not why[s] else f"  no: {why[s]}") if bakes else ""
+        print(f"{s:<60} {shapes.get(s, '     -  (did not run)'):<16}{col}")
     table = PRESETS.get(model_type(model))
     if table:
-        print("\npresets for this architecture: " + ", ".join("@" + k for k in table))
+        def tag(k: str) -> str:
+            if not bakes:
+                return ""
+            bad = [v for v in bakeable(model, match_modules(model, "@" + k)).values() if v]
+            return " (bakes)" if not bad else " (bakes partly)" if len(bad) < len(match_modules(model, "@" + k)) else " (no bake)"
+
+        print("\npresets for this architecture: " + ", ".join("@" + k + tag(k) for k in table))
+        if bakes:
+            print("bake: `acttransport bake` folds a map fitted with --support all on these modules into plain weights")
 
 
 def cmd_fit(a: argparse.Namespace) -> None:

