@@ -36,7 +36,13 @@ def replace_dir(tmp: Path, directory: Path) -> Path:
 
     ``tmp`` must sit beside ``directory`` (same file system). An existing ``directory`` is first
     renamed aside, so at every instant ``directory`` is either the old folder or the new one.
+    The folder and its files get the usual permissions (``mkdtemp`` makes them private).
     """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
     if directory.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
         os.replace(directory, old / "x")

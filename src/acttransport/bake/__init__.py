@@ -72,6 +72,24 @@ def _switch_on(model: nn.Module, flag: str) -> None:
             _set_bias(mod, torch.zeros(mod.out_features))
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy; a model loaded from GGUF (de-quantised, but flagged as quantised, which
+    ``save_pretrained`` refuses) is rebuilt from its config without the quantisation entry."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return copy.deepcopy(model)
+    method = getattr(model.hf_quantizer.quantization_config, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        raise ConfigError(f"bake needs float weights; this model is quantised ({method}): load it in float32 or bfloat16, bake, then quantise")
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = type(model)(cfg).to(next(model.parameters()).dtype).eval()
+    fresh.load_state_dict(model.state_dict())
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh
+
+
 def bake(model: nn.Module, tmap: TransportMap, strength: float = 1.0, approximate: bool = False) -> tuple[nn.Module, Plan]:
     """A copy of ``model`` whose weights apply ``tmap`` at strength λ, with no hook.
 
@@ -98,7 +116,7 @@ def bake(model: nn.Module, tmap: TransportMap, strength: float = 1.0, approximat
         hint = "" if approximate or not any("support" in why for _, why in p.refused) else " (or pass approximate=True / --approximate to drop the support mask)"
         raise ConfigError(f"{len(p.refused)} of {len(tmap.modules)} modules cannot be baked into {model_type(model)} weights:\n"
                           f"{describe(p)}\nsteer with hooks instead, or fit on bakeable modules{hint}")
-    baked = copy.deepcopy(model)
+    baked = _copy(model)
     for flag in sorted(p.flags):
         _switch_on(baked, flag)
     offset = norm_offset(baked)
