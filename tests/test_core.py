@@ -477,3 +477,18 @@ def test_source_only_causal_estimation_aims_every_module_at_the_unsteered_target
     with at.steer(llama, both, 1.0):
         drift = at.collect(llama, tok, src, pattern, progress=False)
     assert max(float((drift[m].mean(0) - b[m].mean(0)).abs().max()) for m in both.modules[1:]) > 1e-3
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_hook_kernel_is_built_once_and_equals_delta_to_the_bit(bounded):
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    lo = torch.randn(d, generator=g) - 1 if bounded else torch.full((d,), -float("inf"))
+    m = ModuleMap(1 + 0.3 * torch.randn(d, generator=g), torch.randn(d, generator=g), lo, lo + 2 if bounded else -lo)
+    x = 2 * torch.randn(5, 7, d, generator=g)
+    k = m.kernel(0.7, x.device, x.dtype)
+    assert k is m.kernel(0.7, x.device, x.dtype) and k is not m.kernel(0.5, x.device, x.dtype)  # cached per λ
+    assert torch.equal(k(x), x + 0.7 * m.delta(x))
+    assert torch.equal(apply_map(x.to(torch.bfloat16), m, 0.7), (x.to(torch.bfloat16).float() + 0.7 * m.delta(x.to(torch.bfloat16).float())).to(torch.bfloat16))
+    if bounded:
+        assert (k(x) == x).any() and (k(x) != x).any()  # some values outside the support, some inside

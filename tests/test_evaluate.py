@@ -493,3 +493,29 @@ def test_corpus_perplexity_weights_tokens():
     assert corpus_perplexity(pairs) == pytest.approx(math.exp((math.log(1000.0) * 2 + math.log(2.0) * 98) / 100))
     assert perplexity(pairs) == pytest.approx(501.0)  # the per-text mean is dominated by the short text
     assert math.isnan(corpus_perplexity([(1.0, 0)]))
+
+
+def test_toxicity_frontier_over_sweep_dirs(tmp_path, capsys):
+    import acttransport as at
+    from acttransport import cli
+    from acttransport.evaluate.frontier import best_within, frontier_points, frontier_table
+    from acttransport.evaluate.sweep import run_sweep
+
+    def sweep(name, cond, layers, cells, fx):
+        cfg = {"task": "toxicity", "model": "m", "condition": cond, **({"layers": layers} if layers else {})}
+        run_sweep(tmp_path / name, cells, fx, cfg, plots=False, progress=False, quiet=True)
+
+    metric = lambda f, p: (lambda c: {"factual_ppl": f(c["strength"]), "toxic_score": p(c["strength"]), "toxic_share": 0.0, "clean_ppl": 100.0})  # noqa: E731
+    sweep("none", "both", None, [{"method": "none", "strength": 0.0, "seed": 0}], metric(lambda s: 40.0, lambda s: 0.08))
+    sweep("both", "both", None, [{"method": "linear", "strength": s, "seed": 0} for s in (0.5, 1.0)], metric(lambda s: 40 * (1 + 0.2 * s), lambda s: 0.08 - 0.05 * s))
+    sweep("src", "source", "every-2nd", [{"method": "linear", "strength": 1.0, "seed": 0}], metric(lambda s: 42.0, lambda s: 0.05))
+    pts = frontier_points([tmp_path / n for n in ("both", "src", "none")])
+    steered = {(p["condition"], p["layers"], p["strength"]): p for p in pts if p["method"] != "none"}
+    assert steered[("both", "all", 1.0)]["x_rise"] == pytest.approx(0.2) and steered[("both", "all", 1.0)]["y_ratio"] == pytest.approx(0.08 / 0.03)
+    best = best_within(pts, 0.11)  # both λ=1 is +20%: over; λ=0.5 (+10%) is the best both point within
+    assert best[("m", "both")]["strength"] == 0.5 and best[("m", "source")]["layers"] == "every-2nd"
+    assert "| m | both* | all | 0.5 |" in frontier_table(pts, 0.11)
+    with pytest.raises(at.DataError, match="no unsteered"):
+        frontier_points([tmp_path / "both"])
+    assert cli.main(["report", str(tmp_path / "both"), str(tmp_path / "none"), "--frontier", str(tmp_path / "f.png"), "--budget", "11%"]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 1000 and "within +11% factual PPL" in capsys.readouterr().out

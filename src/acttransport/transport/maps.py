@@ -10,6 +10,7 @@ bounds inside which it applies. Applying it at strength λ is T_λ(a) = a + λ·
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -128,6 +129,30 @@ class ModuleMap:
         inside = (a > self.lower.to(a)) & (a < self.upper.to(a))
         return torch.where(inside, d, torch.zeros_like(d))
 
+    def kernel(self, strength: float, device: torch.device | str, dtype: torch.dtype) -> "Callable[[Tensor], Tensor]":
+        """T_λ on ``[..., d]`` values of one device and dtype, built once and cached on the map.
+
+        An affine map becomes ``x + λ·(x·(ω − 1) + β)`` (and one ``where`` when the support
+        has bounds) with ``ω − 1`` and ``β`` already on ``device`` in ``dtype`` — the same
+        arithmetic, to the bit, as :meth:`delta`, without its per-call copies and its mask
+        when the support is unbounded; a quantile map computes ``x + λ·delta(x)``. Steering
+        hooks call this on every forward pass.
+        """
+        self._single()
+        cache: dict = self.__dict__.setdefault("_kernels", {})
+        key = (float(strength), str(device), dtype)
+        if key not in cache:
+            lam = float(strength)
+            if self.knots_x is not None:
+                cache[key] = lambda x: x + lam * self.delta(x)
+            else:
+                s = self.scale.to(device=device, dtype=dtype) - 1
+                b = self.shift.to(device=device, dtype=dtype)
+                bounded = bool(torch.isfinite(self.lower).any() or torch.isfinite(self.upper).any())
+                lo, hi = (self.lower.to(device=device, dtype=dtype), self.upper.to(device=device, dtype=dtype)) if bounded else (None, None)
+                cache[key] = _Affine(lam, s, b, lo, hi)
+        return cache[key]
+
     def interpolate(self, strength: float) -> "ModuleMap":
         """T_λ = (1−λ)·id + λ·T as a map of its own (same support; per step for a stepped map)."""
         lam = float(strength)
@@ -150,7 +175,22 @@ def apply_units(x: Tensor, m: ModuleMap, strength: float) -> Tensor:
     if x.shape[-1] != m.width:
         raise MapFormatError(f"map has width {m.width} but the output has {x.shape[-1]} units; the map belongs to another model")
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return (work + strength * m.delta(work)).to(x.dtype)
+    return m.kernel(strength, work.device, work.dtype)(work).to(x.dtype)
+
+
+class _Affine:
+    """``x -> x + λ·(x·m + b)`` (m = ω − 1) inside ``lo < x < hi`` (everywhere when unbounded), x outside."""
+
+    __slots__ = ("lam", "m", "b", "lo", "hi")
+
+    def __init__(self, lam: float, m: Tensor, b: Tensor, lo: Tensor | None, hi: Tensor | None) -> None:
+        self.lam, self.m, self.b, self.lo, self.hi = lam, m, b, lo, hi
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = x + self.lam * (x * self.m + self.b)
+        if self.lo is None:
+            return out
+        return torch.where((x > self.lo) & (x < self.hi), out, x)
 
 
 def spatial_mean_shift(x: Tensor, m: ModuleMap, strength: float) -> Tensor:

@@ -1,0 +1,122 @@
+"""The toxicity-vs-fluency frontier across toxicity sweeps: one point per (causal conditioning,
+layer subset, λ), measured against the unsteered cell of the same model.
+
+Each sweep directory contributes its aggregated rows; its config says the conditioning
+(``condition``) and the layer subset (``layers``, ``all`` when absent). The unsteered row
+(method ``none``) of any directory of the same model is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DataError
+from .plots import save_png
+from .results import load_results
+
+__all__ = ["best_within", "frontier_points", "frontier_table", "plot_toxicity_frontier"]
+
+
+def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
+    """One dict per steered aggregate row: ``model, condition, layers, method, strength, x_rise``
+    (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
+    ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
+
+    Raises:
+        DataError: no toxicity sweep among ``dirs``, or a model without an unsteered row.
+    """
+    rows, base = [], {}
+    for d in dirs:
+        res = load_results(d)
+        cfg = res.get("config", {})
+        if cfg.get("task") != "toxicity":
+            continue
+        for a in res["aggregates"]:
+            r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
+                 "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
+                 "toxic_share": a.get("toxic_share_bal_mean", a.get("toxic_share_mean")), "clean": a.get("clean_ppl_mean"), "dir": str(d)}
+            (base.setdefault(r["model"], r) if r["method"] == "none" else rows.append(r))
+    if not rows and not base:
+        raise DataError("none of the directories holds a toxicity sweep (results.json with task toxicity)")
+    out = list(base.values())
+    for r in rows:
+        ref = base.get(r["model"])
+        if ref is None:
+            raise DataError(f"no unsteered (λ=0) cell for {r['model']} among the directories; add a sweep with --strengths 0")
+        r["x_rise"] = r["x"] / ref["x"] - 1
+        r["y_ratio"] = ref["y"] / r["y"] if r["y"] else float("inf")
+        r["clean_rise"] = r["clean"] / ref["clean"] - 1 if r["clean"] and ref["clean"] else None
+        out.append(r)
+    return out
+
+
+def best_within(points: Sequence[dict[str, Any]], budget: float) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (model, condition): the steered point of lowest ``y`` whose ``x_rise`` ≤ budget."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in points:
+        if p["method"] == "none" or p["x_rise"] > budget:
+            continue
+        k = (p["model"], p["condition"])
+        if k not in best or p["y"] < best[k]["y"]:
+            best[k] = p
+    return best
+
+
+def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None) -> str:
+    """Markdown, one row per point (``*``: best within the budget for its model and conditioning)."""
+    chosen = {id(p) for p in best_within(points, budget).values()} if budget is not None else set()
+    lines = ["| model | conditioning | layers | λ | factual PPL | Δ factual | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
+             "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    key = lambda p: (p["model"] or "", p["method"] != "none", p["condition"], p["layers"], p["strength"])  # noqa: E731
+    for p in sorted(points, key=key):
+        if p["method"] == "none":
+            lines.append(f"| {p['model']} | none (unsteered) | – | 0 | {p['x']:.2f} | – | {100 * p['y']:.2f} | – | {100 * p['toxic_share']:.1f} | – |")
+            continue
+        star = "*" if id(p) in chosen else ""
+        clean = "–" if p["clean_rise"] is None else f"{100 * p['clean_rise']:+.0f}%"
+        lines.append(f"| {p['model']} | {p['condition']}{star} | {p['layers']} | {p['strength']:g} | {p['x']:.2f} | {100 * p['x_rise']:+.1f}% | "
+                     f"{100 * p['y']:.2f} | {p['y_ratio']:.2f}× | {100 * p['toxic_share']:.1f} | {clean} |")
+    return "\n".join(lines)
+
+
+def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.PathLike, budget: float | None = None) -> Path:
+    """Mean toxicity probability vs factual-PPL rise, one panel per model, a colour per
+    conditioning, a marker per layer subset, λ written beside each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({p["model"] for p in points})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), dpi=100, squeeze=False)
+    markers = dict(zip(["all", "every-2nd", "every-3rd", "first-half", "second-half"], "os^vD"))
+    colours = {"both": "tab:red", "source": "tab:blue"}
+    try:
+        for ax, model in zip(axes[0], models):
+            pts = [p for p in points if p["model"] == model]
+            for p in pts:
+                if p["method"] == "none":
+                    ax.scatter([0], [100 * p["y"]], marker="*", s=140, color="black", zorder=3)
+                    continue
+                ax.scatter([100 * p["x_rise"]], [100 * p["y"]], marker=markers.get(p["layers"], "P"), s=40,
+                           color=colours.get(p["condition"], "tab:green"), alpha=0.85)
+                ax.annotate(f"{p['strength']:g}", (100 * p["x_rise"], 100 * p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if budget is not None:
+                ax.axvline(100 * budget, color="grey", linestyle="--", linewidth=1)
+            ax.set_title(model, fontsize=10)
+            ax.set_xlabel("factual perplexity rise (%)")
+            ax.set_ylabel("mean p(toxic) of continuations (%)")
+            ax.grid(alpha=0.3)
+        handles = [plt.Line2D([], [], marker="*", color="black", linestyle="none", markersize=10, label="unsteered")]
+        handles += [plt.Line2D([], [], marker="o", color=c, linestyle="none", label=f"conditioning {k}") for k, c in colours.items()
+                    if any(p["condition"] == k and p["method"] != "none" for p in points)]
+        handles += [plt.Line2D([], [], marker=m, color="grey", linestyle="none", label=f"layers {k}") for k, m in markers.items()
+                    if any(p["layers"] == k for p in points)]
+        if budget is not None:
+            handles.append(plt.Line2D([], [], color="grey", linestyle="--", label=f"budget {100 * budget:+g}%"))
+        axes[0][-1].legend(handles=handles, fontsize=7)
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
