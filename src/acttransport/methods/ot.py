@@ -18,6 +18,12 @@ from .registry import Fitted, register_method
 __all__ = ["fit_gaussian", "fit_linear", "fit_mean", "fit_quantile"]
 
 
+def sort_columns(x: Tensor) -> Tensor:
+    """``x`` (``[n, d]``) with each column sorted: sorts the contiguous transpose (each unit's
+    samples adjacent in memory: about 2× faster than sorting along dim 0), laid back out as ``[n, d]``."""
+    return torch.sort(x.T.contiguous(), dim=1).values.T.contiguous()
+
+
 def fit_linear(a: Tensor, b: Tensor) -> Fitted:
     """Linear-AcT (Rodriguez et al. 2024, arXiv 2410.23054): 1-D OT on sorted samples.
 
@@ -31,8 +37,7 @@ def fit_linear(a: Tensor, b: Tensor) -> Fitted:
     a, b = check_pair(a, b)
     if a.shape[0] != b.shape[0]:
         raise DataError(f"linear: needs equal sample counts, got {a.shape[0]} and {b.shape[0]}; subsample first")
-    sa, _ = torch.sort(a, dim=0)
-    sb, _ = torch.sort(b, dim=0)
+    sa, sb = sort_columns(a), sort_columns(b)
     ma, mb = a.mean(dim=0), b.mean(dim=0)
     ca, cb = sa - ma, sb - mb
     den = (ca * ca).sum(dim=0)
@@ -70,7 +75,7 @@ def fit_gaussian(a: Tensor, b: Tensor) -> Fitted:
 def quantiles(x: Tensor, levels: Tensor) -> Tensor:
     """``[K, d]`` per-unit quantiles of ``x`` ``[n, d]`` at ``levels`` ``[K]`` (linear
     interpolation between order statistics, as ``torch.quantile``, without its size limit)."""
-    s, _ = torch.sort(x, dim=0)
+    s = sort_columns(x)
     pos = levels * (x.shape[0] - 1)
     lo = pos.floor().long().clamp(0, x.shape[0] - 1)
     hi = pos.ceil().long().clamp(0, x.shape[0] - 1)
