@@ -173,3 +173,4 @@ def test_control_vector_export_in_llama_cpp_layout(texts, tmp_path, capsys):
     obs = at.estimate(model, tok, src, tgt, modules=r"model\.layers\.1", method="mean", support="observed", progress=False)
     with pytest.raises(at.ConfigError, match="support observed masks by value"):
         control_vectors(obs)
+

@@ -185,6 +185,8 @@ def load_model(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -192,7 +194,11 @@ def load_model(
         name_or_path: An embedded alias (a key of :data:`EMBEDDED_MODELS`), or anything
             ``transformers.AutoModelForCausalLM.from_pretrained`` accepts (hub id, local folder).
         dtype: Parameter dtype of the returned model.
-        device: Device of the returned model.
+        device: Device of the returned model (ignored with ``device_map``).
+        device_map: split the model over devices with accelerate (``"auto"``, or a dict of module
+            name → device, ``"cpu"``, ``"disk"``); estimate, collect, steer and bake work on it
+            (pooled activations come back to the CPU, each map is placed once per device).
+        offload_folder: where accelerate keeps ``"disk"``-offloaded weights.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (eos if
@@ -222,7 +228,8 @@ def load_model(
         source, model_id = name_or_path, name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        split = {} if device_map is None else {"device_map": device_map, "offload_folder": None if offload_folder is None else str(offload_folder)}
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **split)
     except OSError as err:
         if alias in EMBEDDED_MODELS:
             raise AssetError(
@@ -239,7 +246,8 @@ def load_model(
     if getattr(model, "generation_config", None) is not None:
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device=device, dtype=dtype)
+    if device_map is None:
+        model.to(device=device, dtype=dtype)
     model.eval()
     model.acttransport_model_id = model_id
     return model, tokenizer
