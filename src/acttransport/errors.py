@@ -1,6 +1,6 @@
 """Exceptions raised by acttransport. Every message says what to do next."""
 
-__all__ = ["ActTransportError", "AssetError", "ConfigError", "DataError", "MapFormatError", "ModuleMatchError"]
+__all__ = ["ActTransportError", "AssetError", "ConfigError", "DataError", "DistributedError", "MapFormatError", "ModuleMatchError"]
 
 
 class ActTransportError(Exception):
@@ -25,3 +25,7 @@ class MapFormatError(ActTransportError, ValueError):
 
 class AssetError(ActTransportError, ImportError):
     """An embedded model or data set needs a package that is not installed."""
+
+
+class DistributedError(ActTransportError, RuntimeError):
+    """Another rank of a distributed estimation failed (its error text is in the message)."""

