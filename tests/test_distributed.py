@@ -67,3 +67,21 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
     assert "boom on rank 1 at layer 1" in res[1].stderr
     assert "rank 1 of 2 failed: RuntimeError: boom on rank 1 at layer 1" in res[0].stderr
     assert not (tmp_path / "map").exists()
+
+
+def test_torchrun_fit_writes_the_one_process_map(tmp_path):
+    model, tok = make_llama(layers=3), make_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    src, tgt = sentences(20, 2, 100, seed=1), sentences(20, 150, 300, seed=2)
+    (tmp_path / "s.txt").write_text("\n".join(src) + "\n")
+    (tmp_path / "t.txt").write_text("\n".join(tgt) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()), "-m", "acttransport", "fit",
+           str(tmp_path / "m"), "--source", str(tmp_path / "s.txt"), "--target", str(tmp_path / "t.txt"), "-o", str(tmp_path / "map"),
+           "--diagnose", "0", "--batch-size", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("fitted linear on 6 modules from 20 pairs") == 1 and "on 2 ranks" in res.stdout  # rank 0 alone reports
+    want = at.estimate(model, tok, src, tgt, batch_size=1, progress=False)
+    got = at.load(tmp_path / "map")
+    assert all(torch.equal(got.maps[s].scale, want.maps[s].scale) and torch.equal(got.maps[s].shift, want.maps[s].shift) for s in want.modules)

@@ -145,13 +145,14 @@ def cmd_fit(a: argparse.Namespace) -> None:
         print(f"modules: {default_preset(model)} (the default for this architecture; choose others with --modules)")
     t0 = time.time()
     tmap = _select(a, model, tok, source, target, opts) if a.budget else estimate(model, tok, source, target, options=opts, progress=lead)
-    if not lead:
-        return
-    where = ""
     if rank is not None:
         import torch.distributed as dist
 
-        where = f" on {dist.get_world_size()} ranks"
+        world = dist.get_world_size()
+        dist.destroy_process_group()
+        if not lead:
+            return
+    where = f" on {world} ranks" if rank is not None else ""
     print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s{where}")
     diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
     tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, data=desc, diagnostics=diag))
