@@ -28,6 +28,7 @@ from ..transport.support import support_bounds
 from .causal import fit_causal_one_pass
 from .collect import Site, check_texts, collect_sites, execution_order
 from .distributed import current_group, failing_together, gather_rows, shard
+from .lineas import fit_lineas_joint
 
 __all__ = ["balance", "estimate"]
 
@@ -231,7 +232,14 @@ def estimate(
             raise DataError(f"{n} sentences per set cannot be shared over {g.world} ranks; give at least {g.world}")
         else:
             texts = shard(source, g) + shard(target, g)
-        fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress)
+        if opts.method == "lineas":  # learned jointly through the model, not module by module
+            if g is not None:
+                raise ConfigError("lineas is fitted in one process; run it without torchrun")
+            fitted, more = fit_lineas_joint(runner, source, target, sites, pool_how, opts.method_options, opts.resolved_support, opts.seed,
+                                            progress)
+            notes += more
+        else:
+            fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress)
     for spec, counts in flat.items():
         if max(counts):
             where = "" if n_steps == 1 or len(counts) == 1 else f" at {sum(c > 0 for c in counts)} of {len(counts)} steps"

@@ -2,11 +2,12 @@
 
 Importing this package registers the built-in methods: the transport estimators of
 :mod:`.ot` (linear, mean, gaussian, quantile) and the literature's baselines of
-:mod:`.baselines` (actadd, caa, itic, aura, detzero). See docs/METHODS.md.
+:mod:`.baselines` (actadd, caa, itic, aura, detzero), and :mod:`.lineas` (learned end to end). See docs/METHODS.md.
 """
 
 from . import ot  # noqa: F401  (registers linear, mean, gaussian, quantile: first, in this order)
 from . import baselines  # noqa: F401  (registers actadd, caa, itic, aura, detzero)
+from . import lineas  # noqa: F401  (registers lineas: learned jointly, see acttransport.engine.lineas)
 from .baselines import auroc, average_precision, fit_actadd, fit_aura, fit_caa, fit_detzero, fit_itic
 from .common import STD_EPS, check_pair
 from .ot import fit_gaussian, fit_linear, fit_mean, fit_quantile
