@@ -101,6 +101,8 @@ def test_control_vector_in_llama_cpp_matches_hooks(smollm2, tmp_path):
     _load_cvec(llm, path)
     steered = _cpp_logits(llm, ids)
     d_hf, d_cpp = hooked - base, steered - plain
+    print(f"\ncontrol vector: mean |Δ logits| {np.abs(d_hf).mean():.3f}, correlation llama.cpp vs hooks {_corr(d_hf, d_cpp):.4f}, "
+          f"argmax agreement {np.mean(d_hf.argmax(-1) == d_cpp.argmax(-1)):.3f}, steered argmax agreement {np.mean(hooked.argmax(-1) == steered.argmax(-1)):.3f}")
     assert np.abs(d_hf).mean() > 0.1  # steering moves the logits: there is something to agree on
     assert _corr(d_hf, d_cpp) >= 0.99, _corr(d_hf, d_cpp)
 
@@ -125,6 +127,8 @@ def test_baked_checkpoint_converted_by_llama_cpp_matches_hooks(smollm2, tmp_path
     plain = _cpp_logits(_cpp(ggufs["plain"]), ids)
     steered = _cpp_logits(_cpp(ggufs["baked"]), ids)
     d_hf, d_cpp = hooked - base, steered - plain
+    print(f"\nbaked GGUF: mean |Δ logits| {np.abs(d_hf).mean():.3f}, correlation llama.cpp vs hooks {_corr(d_hf, d_cpp):.6f}, "
+          f"max |logits llama.cpp − hooks| {np.abs(steered - hooked).max():.2e}")
     assert np.abs(d_hf).mean() > 0.1
     assert _corr(d_hf, d_cpp) >= 0.99, _corr(d_hf, d_cpp)
     assert np.abs(steered - hooked).max() < 1e-2 * np.abs(hooked).max()  # float32 both sides: the logits themselves agree
