@@ -7,6 +7,9 @@ early stop) at batch 1 and batch 16:
 * ``unsteered`` — the model as loaded;
 * ``hooks`` — inside ``acttransport.steer`` with the map on every norm of ``--hooked``
   (SmolLM2 ``@all-norms``: 60 hooks; Gemma-3 ``@all-norms``: 72);
+* ``hooks-before`` — the same hooks computing ``x + λ·delta(x)`` on every call, as before the
+  hook kernel (per-call copies of ω, β and the bounds to the activation, and the support mask
+  even for support ``all``): what hooks cost before they were made cheaper;
 * ``baked`` — ``acttransport.bake`` of a map on the bakeable modules (SmolLM2 ``@all-norms``,
   Gemma-3 ``@input-norms``: its post-norms carry shifts no stock weight can hold).
 
@@ -26,6 +29,7 @@ import torch
 
 import acttransport as at
 from acttransport import assets
+from acttransport.transport import ModuleMap
 
 BAKEABLE = {"smollm2-135m": "@all-norms", "gemma3-270m": "@input-norms"}
 
@@ -51,19 +55,25 @@ def bench_model(name: str, reps: int, new_tokens: int, hooked: str) -> list[dict
     rows = []
     for batch in (1, 16):
         ps = prompts[:batch]
-        runs: dict[str, list[float]] = {"unsteered": [], "hooks": [], "baked": []}
+        runs: dict[str, list[float]] = {"unsteered": [], "hooks": [], "hooks-before": [], "baked": []}
 
         def run(variant: str) -> float:
-            if variant == "hooks":
-                with at.steer(model, hook_map, 1.0):
-                    return _decode(model, tok, ps, new_tokens)
+            if variant.startswith("hooks"):
+                kernel = ModuleMap.kernel
+                if variant == "hooks-before":
+                    ModuleMap.kernel = lambda m, lam, device, dtype: (lambda x: x + lam * m.delta(x))
+                try:
+                    with at.steer(model, hook_map, 1.0):
+                        return _decode(model, tok, ps, new_tokens)
+                finally:
+                    ModuleMap.kernel = kernel
             return _decode(baked if variant == "baked" else model, tok, ps, new_tokens)
 
         for v in runs:  # warm-up, not counted
             run(v)
         order = list(runs)
         for r in range(reps):
-            for v in order[r % 3:] + order[: r % 3]:
+            for v in order[r % len(order):] + order[: r % len(order)]:
                 runs[v].append(run(v))
         med = {v: statistics.median(t) for v, t in runs.items()}
         for v, t in med.items():

@@ -81,4 +81,6 @@ def apply_map(x: Tensor, m: ModuleMap, strength: float, spatial: str = "mean") -
         raise MapFormatError(f"map has width {m.width} but the module output has {x.shape[axis]} units on axis {axis}; the map belongs to another model")
     if x.ndim == 4 and spatial == "mean":
         return spatial_mean_shift(x, m, strength)
+    if axis == x.ndim - 1:  # tokens [B, T, d] or pooled [B, d]: units already last
+        return apply_units(x, m, strength)
     return apply_units(x.movedim(axis, -1), m, strength).movedim(-1, axis)
