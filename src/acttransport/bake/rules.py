@@ -178,7 +178,8 @@ def plan(model: nn.Module, tmap: TransportMap, strength: float, approximate: boo
             readers = arch.readers.get(rel, ()) if layer else ()
             if needs_shift:
                 if not readers:
-                    where = "its output is added straight to the residual stream" if layer else "what reads it (lm_head) has no bias"
+                    where = ("what reads it (lm_head) has no bias" if not layer else "its output is added straight to the residual stream"
+                             if "post" in rel else "no Linear with a bias slot reads its output")
                     out.refused.append((spec, f"a shift cannot be folded: {where}"))
                     continue
                 checks = [_bias_flag(model, arch, layer, r) for r in readers]
