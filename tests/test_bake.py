@@ -174,3 +174,37 @@ def test_control_vector_export_in_llama_cpp_layout(texts, tmp_path, capsys):
     with pytest.raises(at.ConfigError, match="support observed masks by value"):
         control_vectors(obs)
 
+
+
+def test_strength_zero_bakes_to_bit_identical_weights(fitted):
+    model, tok, tmap = fitted
+    baked, p = bake(model, tmap, 0.0)
+    assert not p.flags and all(torch.equal(v, model.state_dict()[k]) for k, v in baked.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,presets", [("smollm2-135m", ["@all-norms", "@attn-out"]), ("gemma3-270m", ["@input-norms", "@attn-out"])])
+def test_shipped_models_bake_reload_and_generate_like_hooks(name, presets, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from acttransport import assets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = assets.load_model(name)
+    data = assets.load_pair_dataset("toxicity").sample(32, 0)
+    enc = tok(["You are such an idiot and", "The weather in Paris is"], return_tensors="pt", padding=True)
+    for preset in presets:
+        tmap = at.estimate(model, tok, data.source, data.target, modules=preset, support="all", max_length=32, progress=False)
+        baked, p = bake(model, tmap, 1.0)
+        out = save_baked(baked, tok, tmp_path / preset[1:], tmap, 1.0, p)
+        del baked
+        plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = plain(**enc).logits
+            with at.steer(model, tmap, 1.0):
+                want = model(**enc).logits
+                want_ids = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+            got_ids = plain.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        mask = enc["attention_mask"].bool()
+        assert (got - want).abs()[mask].max() <= 1e-4 * want.abs()[mask].max(), (name, preset)
+        assert torch.equal(got_ids, want_ids), (name, preset)
