@@ -492,3 +492,25 @@ def test_hook_kernel_is_built_once_and_equals_delta_to_the_bit(bounded):
     assert torch.equal(apply_map(x.to(torch.bfloat16), m, 0.7), (x.to(torch.bfloat16).float() + 0.7 * m.delta(x.to(torch.bfloat16).float())).to(torch.bfloat16))
     if bounded:
         assert (k(x) == x).any() and (k(x) != x).any()  # some values outside the support, some inside
+
+
+def test_per_row_strengths_mix_steered_and_unsteered_rows_in_one_batch(llama, tok, texts):
+    src, tgt = texts
+    tmap = at.estimate(llama, tok, src, tgt, modules="@all-norms", support="all", progress=False)
+    prompts = ["w5 w9 w12 w3", "w7 w1 w2 w8", "w4 w4 w6 w10"]
+    enc = tok(prompts, return_tensors="pt", padding=True)  # equal lengths: no padding, rows comparable alone
+    lams = [0.0, 1.0, 0.5]
+    with torch.no_grad():
+        with at.steer(llama, tmap, torch.tensor(lams)):
+            mixed = llama(**enc).logits
+        for i, lam in enumerate(lams):
+            one = {k: v[i:i + 1] for k, v in enc.items()}
+            with at.steer(llama, tmap, lam):
+                alone = llama(**one).logits
+            assert torch.allclose(mixed[i], alone[0], atol=1e-5), (i, lam)
+        assert torch.equal(mixed[0], llama(**{k: v[:1] for k, v in enc.items()}).logits[0])  # λ=0 row: bit-exact unsteered
+        with pytest.raises(ConfigError, match="per-row strengths, but"), at.steer(llama, tmap, [1.0, 0.0]):
+            llama(**enc)
+    with pytest.raises(ConfigError, match="outside"):
+        with at.steer(llama, tmap, [0.5, 2.0]):
+            pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -96,7 +96,8 @@ def _step_of(t: float, timesteps: tuple[float, ...]) -> int:
 
 
 @contextlib.contextmanager
-def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded: bool = False, halves: str | None = None) -> Iterator[Any]:
+def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | torch.Tensor = 1.0, allow_unbounded: bool = False,
+          halves: str | None = None) -> Iterator[Any]:
     """Applies ``tmap`` at strength λ inside the ``with`` block; hooks are always removed.
 
     T_λ(a) = a + λ·((ω−1)·a + β) for every token (or pixel) whose value lies inside the
@@ -107,7 +108,10 @@ def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded
         model: the model the map was fitted on: an ``nn.Module`` or a diffusers pipeline.
         tmap: a :class:`~acttransport.artifact.TransportMap`.
         strength: λ in [0, 1]; outside only with ``allow_unbounded=True`` or for methods
-            whose strength is unbounded (actadd, caa, itic).
+            whose strength is unbounded (actadd, caa, itic). A causal LM also takes one λ per
+            row of the batch (a ``[B]`` tensor or list), so a server can mix steered and
+            unsteered requests in one batch: row i gets ``x + λᵢ·(T(x) − x)``; every forward
+            call inside the block must then carry exactly B rows.
         allow_unbounded: opt in to λ outside [0, 1].
         halves: with classifier-free guidance, steer only the ``cond`` (conditional) half of
             the denoiser's batch — guidance then extrapolates the steered prediction against the
@@ -119,7 +123,16 @@ def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded
         ConfigError: bad strength or ``halves``, or the model is already being steered.
         MapFormatError: the map does not fit the model.
     """
-    lam = check_strength(strength, allow_unbounded or tmap.config.unbounded)
+    rows = None
+    if isinstance(strength, (torch.Tensor, list, tuple)):
+        rows = torch.as_tensor(strength, dtype=torch.float64).flatten()
+        if rows.numel() == 0 or torch.as_tensor(strength).ndim != 1:
+            raise ConfigError(f"per-row strengths must be a 1-D list or tensor with one λ per row of the batch, got shape {tuple(torch.as_tensor(strength).shape)}")
+        for v in rows.tolist():
+            check_strength(v, allow_unbounded or tmap.config.unbounded)
+        lam = 1.0  # the map at full strength, each row scaled by its own λ
+    else:
+        lam = check_strength(strength, allow_unbounded or tmap.config.unbounded)
     halves = tmap.config.halves if halves is None else halves
     if halves not in HALVES:
         raise ConfigError(f"halves must be one of {', '.join(HALVES)}, got {halves!r}")
@@ -131,6 +144,8 @@ def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded
     per_step = {spec: [m.at(k) for k in range(m.steps)] for spec, m in tmap.maps.items() if m.steps is not None}
     state: dict[str, Any] = {"t": None, "cfg": False}
     handles = []
+    if rows is not None and (per_step or halves == "cond"):
+        raise ConfigError("per-row strengths are for causal LMs; a diffusion pipeline takes one strength per call")
     if per_step or halves == "cond":
         den = tmap.config.denoiser or denoiser_name(model)
         if den is None:
@@ -155,6 +170,15 @@ def steer(model: Any, tmap: TransportMap, strength: float = 1.0, allow_unbounded
             else:
                 m = steps[_step_of(state["t"], tmap.config.timesteps)]
             x = pick_output(output, spec)
+            if rows is not None:
+                if x.shape[0] != rows.numel():
+                    raise ConfigError(f"{rows.numel()} per-row strengths, but {spec} got a batch of {x.shape[0]} rows; "
+                                      "give one λ per row of every forward call (generate with the same batch)")
+                w = rows.to(device=x.device, dtype=torch.float32 if x.dtype not in (torch.float32, torch.float64) else x.dtype)
+                w = w.reshape(-1, *([1] * (x.ndim - 1)))
+                work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+                new = (work + w * (apply_map(work, m, 1.0, spatial) - work)).to(x.dtype)
+                return replace_output(output, spec, new)
             if halves == "cond" and state["cfg"]:
                 b = x.shape[0] // 2
                 new = torch.cat([x[:b], apply_map(x[b:], m, lam, spatial)])
