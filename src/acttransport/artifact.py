@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import replace_dir
+from ._io import atomic_dir
 from ._version import __version__
 from .errors import ConfigError, MapFormatError
 from .transport.maps import ModuleMap
@@ -143,15 +141,10 @@ class TransportMap:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_dir(directory) as tmp:
             tensors = {f"{n}.{k}": t.detach().to(torch.float32).contiguous().cpu() for n, m in self.maps.items() for k, t in m.tensors().items()}
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
-            replace_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     def to_json(self) -> dict[str, Any]:
@@ -240,7 +233,7 @@ def compose(second: TransportMap, first: TransportMap) -> TransportMap:
         if f.steps != s.steps:
             raise ConfigError(f"module {name}: one map has {f.steps} steps and the other {s.steps}; compose maps of the same schedule")
         for label, m in (("first", f), ("second", s)):
-            if torch.isfinite(m.lower).any() or torch.isfinite(m.upper).any():
+            if m.bounded:
                 raise ConfigError(f"module {name}: the {label} map has a bounded support; compose needs maps fitted with support='all'")
         scale = s.scale.double() * f.scale.double()
         shift = s.scale.double() * f.shift.double() + s.shift.double()

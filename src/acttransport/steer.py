@@ -174,9 +174,8 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
                 if x.shape[0] != rows.numel():
                     raise ConfigError(f"{rows.numel()} per-row strengths, but {spec} got a batch of {x.shape[0]} rows; "
                                       "give one λ per row of every forward call (generate with the same batch)")
-                w = rows.to(device=x.device, dtype=torch.float32 if x.dtype not in (torch.float32, torch.float64) else x.dtype)
-                w = w.reshape(-1, *([1] * (x.ndim - 1)))
                 work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+                w = rows.to(work).reshape(-1, *([1] * (x.ndim - 1)))
                 new = (work + w * (apply_map(work, m, 1.0, spatial) - work)).to(x.dtype)
                 return replace_output(output, spec, new)
             if halves == "cond" and state["cfg"]:

@@ -12,15 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .._io import replace_dir
+from .._io import atomic_dir
 from ..artifact import TransportMap
 from ..errors import ConfigError
 from ..steer import check_fits, check_strength, steer
@@ -151,9 +149,7 @@ def save_baked(baked: nn.Module, tokenizer: Any, out: str | os.PathLike, tmap: T
     :data:`BAKE_FILE` (the map's config, λ, the folds, ``measured``) to ``out`` atomically: a
     reader sees the old folder or the finished new one, never half of one."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         baked.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -161,7 +157,4 @@ def save_baked(baked: nn.Module, tokenizer: Any, out: str | os.PathLike, tmap: T
                 "folds": [{"module": f.spec, "into": f.target, "readers": list(f.readers), "approximate": f.approximate} for f in p.folds],
                 "measured": measured or {}}
         (tmp / BAKE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

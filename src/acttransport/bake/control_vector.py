@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_file
 from ..artifact import TransportMap
 from ..errors import ConfigError
 
@@ -43,7 +43,7 @@ def control_vectors(tmap: TransportMap, strength: float = 1.0) -> dict[int, torc
             bad.append(f"{spec}: a {m.kind} map{' per denoising step' if m.steps else ''} is not one added vector")
         elif bool((m.scale != 1).any()):
             bad.append(f"{spec}: the map scales {int((m.scale != 1).sum())} of {m.width} units (a control vector only adds; use --method mean)")
-        elif bool(torch.isfinite(m.lower).any() or torch.isfinite(m.upper).any()):
+        elif m.bounded:
             bad.append(f"{spec}: support {tmap.config.support} masks by value (a control vector adds everywhere; refit with --support all)")
         else:
             out[int(hit.group(1))] = (float(strength) * m.shift).to(torch.float32)
@@ -57,11 +57,8 @@ def write_control_vector(path: str | os.PathLike, vectors: dict[int, torch.Tenso
     import gguf
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "controlvector")
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
         w.add_string("controlvector.model_hint", model_hint)
         w.add_uint32("controlvector.layer_count", len(vectors))
         for layer in sorted(vectors):
@@ -70,8 +67,4 @@ def write_control_vector(path: str | os.PathLike, vectors: dict[int, torch.Tenso
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -144,7 +144,7 @@ def plan(model: nn.Module, tmap: TransportMap, strength: float, approximate: boo
         if m.steps is not None:
             out.refused.append((spec, "a map per denoising step folds into no single weight"))
             continue
-        bounded = bool(torch.isfinite(m.lower).any() or torch.isfinite(m.upper).any())
+        bounded = m.bounded
         if bounded and not approximate:
             out.refused.append((spec, f"support {tmap.config.support}: whether the map applies depends on the value "
                                       "(refit with support all, or fold approximately)"))

@@ -85,8 +85,9 @@ def cmd_modules(a: argparse.Namespace) -> None:
         def tag(k: str) -> str:
             if not bakes:
                 return ""
-            bad = [v for v in bakeable(model, match_modules(model, "@" + k)).values() if v]
-            return " (bakes)" if not bad else " (bakes partly)" if len(bad) < len(match_modules(model, "@" + k)) else " (no bake)"
+            reasons = list(bakeable(model, match_modules(model, "@" + k)).values())
+            bad = sum(bool(r) for r in reasons)
+            return " (bakes)" if not bad else " (bakes partly)" if bad < len(reasons) else " (no bake)"
 
         print("\npresets for this architecture: " + ", ".join("@" + k + tag(k) for k in table))
         if bakes:

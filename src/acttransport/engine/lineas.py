@@ -66,8 +66,7 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
     src_acts = collect_sites(runner, source, sites, pooling, progress=False)
     tgt_acts = collect_sites(runner, target, sites, pooling, progress=False)
     dev = runner.device
-    params = {s: AffineParams(src_acts[(s, 0)][ts].mean(0).to(dev), (src_acts[(s, 0)][ts].std(0) if len(ts) > 1 else torch.ones(src_acts[(s, 0)].shape[1])).to(dev))
-              for s in specs}
+    params = {s: AffineParams.identity_for(src_acts[(s, 0)][ts].to(dev)) for s in specs}
     tgt_train = {s: torch.sort(tgt_acts[(s, 0)][tt], 0).values for s in specs}
     tgt_held = {s: torch.sort(tgt_acts[(s, 0)][ht], 0).values for s in specs} if len(ht) else {}
     train_batches = runner.batches([source[i] for i in ts.tolist()])

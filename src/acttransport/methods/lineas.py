@@ -92,6 +92,11 @@ class AffineParams:
         self.omega = torch.ones_like(self.mu, requires_grad=True)
         self.c = torch.zeros_like(self.mu, requires_grad=True)
 
+    @classmethod
+    def identity_for(cls, a: Tensor) -> "AffineParams":
+        """The identity map centred on the source samples ``a`` ``[n, d]`` (σ = 1 with one sample)."""
+        return cls(a.mean(0), a.std(0) if a.shape[0] > 1 else torch.ones_like(a[0]))
+
     def __call__(self, x: Tensor) -> Tensor:
         """``[..., d]`` → ``[..., d]``, differentiable in ω and c."""
         return (x - self.mu) * self.omega + self.mu + self.sigma * self.c
@@ -192,7 +197,7 @@ def fit_lineas(a: Tensor, b: Tensor, *, iters: int = 200, lr: float = 0.05, l1: 
     a, b = a.float(), b.float()
     ta, ha = split(a.shape[0], opts.holdout, 0)
     tb, hb = split(b.shape[0], opts.holdout, 1)
-    p = AffineParams(a[ta].mean(0), a[ta].std(0) if len(ta) > 1 else torch.ones(a.shape[1]))
+    p = AffineParams.identity_for(a[ta])
     train_t = torch.sort(b[tb], 0).values
     held_t = torch.sort(b[hb], 0).values if len(hb) else None
 

@@ -77,6 +77,12 @@ class ModuleMap:
         return int(self.scale.shape[0]) if self.scale.ndim == 2 else None
 
     @property
+    def bounded(self) -> bool:
+        """Whether the support has a finite bound somewhere (``observed`` / ``quantile:q``;
+        False for ``all``, where the map applies to every value)."""
+        return bool(torch.isfinite(self.lower).any() or torch.isfinite(self.upper).any())
+
+    @property
     def kind(self) -> str:
         """``"affine"`` or ``"quantile"`` (piecewise linear)."""
         return "affine" if self.knots_x is None else "quantile"
@@ -148,8 +154,7 @@ class ModuleMap:
             else:
                 s = self.scale.to(device=device, dtype=dtype) - 1
                 b = self.shift.to(device=device, dtype=dtype)
-                bounded = bool(torch.isfinite(self.lower).any() or torch.isfinite(self.upper).any())
-                lo, hi = (self.lower.to(device=device, dtype=dtype), self.upper.to(device=device, dtype=dtype)) if bounded else (None, None)
+                lo, hi = (self.lower.to(device=device, dtype=dtype), self.upper.to(device=device, dtype=dtype)) if self.bounded else (None, None)
                 cache[key] = _Affine(lam, s, b, lo, hi)
         return cache[key]
 
