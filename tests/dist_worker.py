@@ -32,6 +32,7 @@ def main() -> None:
     tmap = at.estimate(model, tok, src, tgt, modules="@all-norms", progress=False, **kw)
     if dist.get_rank() == 0:
         tmap.save(out)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -150,6 +150,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
         import torch.distributed as dist
 
         world = dist.get_world_size()
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
         if not lead:
             return
