@@ -6,6 +6,7 @@ Rank 0 saves the map to OUT; in ``fail`` mode rank 1 raises inside its forward p
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -38,3 +39,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as acttransport's CLI does: gloo's threads can abort the interpreter's shutdown

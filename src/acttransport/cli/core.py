@@ -12,7 +12,7 @@ from ..options import add_fit_arguments, fit_options_from_args
 from .common import MODEL_HELP, load_lm, read_lines, subsample
 from .diffusion import add_runner_arguments, fit_pipeline
 
-__all__ = ["add_core_commands", "cmd_fit", "cmd_generate", "cmd_modules"]
+__all__ = ["add_core_commands", "cmd_fit", "cmd_generate", "cmd_modules", "joined_group"]
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +94,14 @@ def cmd_modules(a: argparse.Namespace) -> None:
             print("bake: `acttransport bake` folds a map fitted with --support all on these modules into plain weights")
 
 
+_JOINED = {"group": False}
+
+
+def joined_group() -> bool:
+    """Whether a command of this process joined a torch.distributed process group."""
+    return _JOINED["group"]
+
+
 def _init_distributed(timeout_s: float) -> int | None:
     """Under ``torchrun`` (WORLD_SIZE > 1): joins the gloo process group and returns this rank; else None."""
     import os
@@ -106,6 +114,7 @@ def _init_distributed(timeout_s: float) -> int | None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    _JOINED["group"] = True
     return dist.get_rank()
 
 
