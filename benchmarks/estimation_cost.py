@@ -10,7 +10,8 @@
 2. **The fit step alone** (``fit_linear`` on random ``[n, d]`` pairs) for several n and d.
 3. **Peak memory** (the resident set sampled every 10 ms in a fresh process, and its rise over
    the loaded model) of a causal estimation against the number of sentences, with the plain
-   collection beside it.
+   collection and the layer-by-layer estimation under ``memory_budget="64MB"`` beside it
+   (each cell also gives the process's wall time, model load included).
 
 Run: ``python benchmarks/estimation_cost.py [--model smollm2-135m] [--n 128] [--reps 2]``
 """
@@ -50,6 +51,8 @@ t = threading.Thread(target=watch, daemon=True)
 t.start()
 if mode == "causal":
     at.estimate(model, tok, d.source[:n], d.target[:n], modules="@all-norms", max_length=32, progress=False)
+elif mode == "budget":
+    at.estimate(model, tok, d.source[:n], d.target[:n], modules="@all-norms", max_length=32, progress=False, memory_budget="64MB")
 else:
     collect(model, tok, d.source[:n] + d.target[:n], "@all-norms", max_length=32, progress=False)
 stop.set()
@@ -113,17 +116,22 @@ def fit_step() -> None:
         print(f"| {n} | {d} | {time.perf_counter() - t0:.2f} |", flush=True)
 
 
-def memory(model_name: str, sizes: list[int]) -> None:
+MEMORY_MODES = {"collect": "collect (plain pass)", "causal": "causal one-pass", "budget": "causal, --memory-budget 64MB"}
+
+
+def memory(model_name: str, sizes: list[int], modes: list[str]) -> None:
     print(f"\n### peak memory: {model_name}, @all-norms, ≤ 32 tokens (resident set sampled every 10 ms in a fresh process)\n")
-    print("| sentences per set | model loaded: MB | collect: peak MB (+ above loaded) | causal one-pass: peak MB (+ above loaded) |\n|---:|---:|---:|---:|")
+    print("| sentences per set | model loaded: MB | " + " | ".join(f"{MEMORY_MODES[m]}: peak MB (+ above loaded)" for m in modes) + " |")
+    print("|---:|---:|" + "---:|" * len(modes))
     for n in sizes:
         row = {}
-        for mode in ("collect", "causal"):
+        for mode in modes:
+            t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", _MEM_CHILD, model_name, str(n), mode], capture_output=True, text=True, check=True)
             row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        c, k = row["collect"], row["causal"]
-        print(f"| {n} | {k['loaded_mb']:.0f} | {c['peak_mb']:.0f} (+{c['peak_mb'] - c['loaded_mb']:.0f}) | "
-              f"{k['peak_mb']:.0f} (+{k['peak_mb'] - k['loaded_mb']:.0f}) |", flush=True)
+            row[mode]["s"] = time.perf_counter() - t0
+        cells = [f"{r['peak_mb']:.0f} (+{r['peak_mb'] - r['loaded_mb']:.0f}), {r['s']:.0f} s" for r in (row[m] for m in modes)]
+        print(f"| {n} | {row[modes[0]]['loaded_mb']:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -132,6 +140,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=128, help="sentences per set for the pass comparison")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--memory-sizes", default="128,512,2048")
+    p.add_argument("--memory-modes", default="collect,causal,budget", help=f"comma-separated, of: {', '.join(MEMORY_MODES)}")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: passes, fit, memory")
     a = p.parse_args()
     skip = set(a.skip.split(","))
@@ -141,7 +150,7 @@ def main() -> None:
     if "fit" not in skip:
         fit_step()
     if "memory" not in skip:
-        memory(a.model, [int(x) for x in a.memory_sizes.split(",")])
+        memory(a.model, [int(x) for x in a.memory_sizes.split(",")], a.memory_modes.split(","))
 
 
 if __name__ == "__main__":

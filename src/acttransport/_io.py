@@ -1,15 +1,18 @@
-"""Atomic file writes: a reader sees the old file (or folder) or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or folder or the new one, never half of one), and sizes in bytes."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_dir", "atomic_file", "replace_dir", "write_text_atomic"]
+from .errors import ConfigError
+
+__all__ = ["atomic_dir", "atomic_file", "parse_bytes", "replace_dir", "write_text_atomic"]
 
 
 @contextmanager
@@ -76,3 +79,24 @@ def replace_dir(tmp: Path, directory: Path) -> Path:
     else:
         os.replace(tmp, directory)
     return directory
+
+
+_UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40, "T": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"2GB"``, ``"512MB"``, ``"1.5G"`` or a number of bytes → bytes (binary units).
+
+    Raises:
+        ConfigError: not a positive size.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", str(text).upper())
+        if not m:
+            raise ConfigError(f"memory budget {text!r}: give a size such as 2GB, 512MB or 1.5G")
+        value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise ConfigError(f"memory budget {text!r} must be positive")
+    return int(value * _UNITS[unit])

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ._io import parse_bytes
 from .errors import ConfigError, DataError
 from .methods import METHODS, MethodInfo, method_info
 from .targets.layers import LAYER_RULES, check_layers
@@ -68,6 +69,10 @@ class FitOptions:
             half of the denoiser's batch (``cond``: guidance then extrapolates the steered
             prediction against the unchanged unconditional one, as it does for a prompt) or on
             both halves (``both``). Fitting (causal) and steering use the same rule.
+        memory_budget: causal LMs: ``"2GB"``, ``"512MB"``... — fit one decoder layer at a time
+            with the residual stream cached (on disk when it exceeds the budget) instead of
+            keeping every batch's forward pass alive; same maps, about 1.5–2 passes instead of
+            one (see ``engine.layerwise``). None: the one-pass estimation.
     """
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
@@ -93,6 +98,8 @@ class FitOptions:
                                 "or map every pixel (pixel)", choices="spatial")
     halves: str = _opt("cond", "diffusion with classifier-free guidance: the maps act on the conditional half of the batch "
                                "(cond) or on both halves (both)", choices="halves")
+    memory_budget: str | None = _opt(None, "causal LMs: fit one decoder layer at a time, the residual stream cached (on disk above "
+                                           "this size, e.g. 2GB), instead of keeping every batch in flight; same maps, ~1.5-2 passes")
 
     def __post_init__(self) -> None:
         mods = self.modules
@@ -128,6 +135,8 @@ class FitOptions:
             raise ConfigError(f"unknown steps {self.steps!r}; choose one of: {', '.join(STEPS)}")
         if self.halves not in HALVES:
             raise ConfigError(f"unknown halves {self.halves!r}; choose one of: {', '.join(HALVES)}")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
         if self.spatial not in SPATIAL:
             raise ConfigError(f"unknown spatial rule {self.spatial!r}; choose one of: {', '.join(SPATIAL)}")
 

@@ -20,9 +20,29 @@ from ..targets.layouts import POOLINGS, apply_map
 from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 
-__all__ = ["Site", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "steer_rows"]
+__all__ = ["Site", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "release_freed_memory", "steer_rows"]
 
 Site = tuple[str, int]
+_LIBC: list[Any] = []
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed by the last forward pass back to the OS (glibc's ``malloc_trim``;
+    elsewhere a no-op). glibc keeps freed activation buffers in its heap, and the small pooled
+    tensors kept between them fragment it, so without this the resident set of a collection
+    grows with the number of batches (SmolLM2, 512 + 512 sentences: +2.5 GB peak instead of
+    +0.9 GB; docs/PERFORMANCE.md)."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(getattr(lib, "malloc_trim", None))
+        except OSError:
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 class _Stop(Exception):
@@ -170,6 +190,7 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
             except _Stop:
                 pass
             order.extend(batch.rows)
+            release_freed_memory()
     finally:
         remove_hooks(handles)
     inverse = torch.empty(len(order), dtype=torch.long)

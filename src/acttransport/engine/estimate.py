@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._io import parse_bytes
 from ..artifact import TransportConfig, TransportMap
 from ..errors import ConfigError, DataError
 from ..methods import Fitted
@@ -28,6 +29,7 @@ from ..transport.support import support_bounds
 from .causal import fit_causal_one_pass
 from .collect import Site, check_texts, collect_sites, execution_order
 from .distributed import current_group, failing_together, gather_rows, shard
+from .layerwise import fit_causal_layerwise
 from .lineas import fit_lineas_joint
 
 __all__ = ["balance", "estimate"]
@@ -77,14 +79,21 @@ def _steps_per_module(sites: Sequence[Site], denoiser_calls: int | None) -> int:
 
 
 def _fit_sites(runner: Runner, texts: list[str], sites: list[Site], opts: FitOptions, pool_how: str,
-               fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> None:
-    """Fits every site, causally in one pass per batch or from one plain collection."""
-    if opts.causal:
+               fit: Callable[[Any, Tensor], ModuleMap], progress: bool, notes: list[str]) -> None:
+    """Fits every site: causally in one pass per batch, one layer at a time under a memory
+    budget (its cost appended to ``notes``), or from one plain collection."""
+    source_rows = len(texts) // 2 if opts.condition == "source" else None
+    if opts.causal and opts.memory_budget is not None:
+        budget = parse_bytes(opts.memory_budget)
+        with tqdm(total=len(sites), desc=f"fit {opts.method} (causal, layer by layer)", unit="module", disable=not progress) as bar:
+            _, cost = fit_causal_layerwise(runner, runner.batches(texts), sites, pool_how, fit, budget,
+                                           progress=lambda site: bar.update(1), source_rows=source_rows)
+        notes.append(cost.describe(budget))
+    elif opts.causal:
         unit = "site" if any(k for _, k in sites) else "module"  # a site is one call: (module, step) in a diffusion model
         with tqdm(total=len(sites), desc=f"fit {opts.method} (causal)", unit=unit, disable=not progress) as bar:
             fit_causal_one_pass(runner, runner.batches(texts), sites, pool_how, fit, progress=lambda site: bar.update(1),
-                                spatial=opts.spatial, source_rows=len(texts) // 2 if opts.condition == "source" else None,
-                                halves=opts.halves)
+                                spatial=opts.spatial, source_rows=source_rows, halves=opts.halves)
     else:
         acts = collect_sites(runner, texts, sites, pool_how, stop_after=sites[-1], progress=progress)
         for site in sites:
@@ -115,20 +124,22 @@ def _fit_pooled_steps(runner: Runner, texts: list[str], sites: list[Site], n: in
 
 
 def _fit_all(runner: Runner, texts: list[str], sites: list[Site], n: int, n_steps: int, opts: FitOptions, pool_how: str,
-             fit: Callable[[Any, Tensor], ModuleMap], progress: bool) -> dict[str, ModuleMap]:
+             fit: Callable[[Any, Tensor], ModuleMap], progress: bool, notes: list[str]) -> dict[str, ModuleMap]:
     """The maps of every module: one per module, per step (``each``), from the first step, or pooled over steps."""
+    if opts.memory_budget is not None and n_steps > 1:
+        raise ConfigError("a memory budget applies to causal LMs; fit a diffusion pipeline without it")
     if n_steps == 1:
         fitted: dict[str, ModuleMap] = {}
-        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress, notes)
         return fitted
     if opts.steps == "each":
         per_site: dict[Site, ModuleMap] = {}
-        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: per_site.setdefault(site, fit(site, acts)), progress)
+        _fit_sites(runner, texts, sites, opts, pool_how, lambda site, acts: per_site.setdefault(site, fit(site, acts)), progress, notes)
         return {spec: ModuleMap.stack([per_site[(spec, k)] for k in range(n_steps)]) for spec in dict.fromkeys(s for s, _ in sites)}
     if opts.steps == "first":
         fitted = {}
         first = [site for site in sites if site[1] == 0]
-        _fit_sites(runner, texts, first, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress)
+        _fit_sites(runner, texts, first, opts, pool_how, lambda site, acts: fitted.setdefault(site[0], fit(site, acts)), progress, notes)
         return fitted
     return _fit_pooled_steps(runner, texts, sites, n, opts, pool_how, fit, progress)
 
@@ -151,6 +162,7 @@ def estimate(
     steps: str | None = None,
     spatial: str | None = None,
     halves: str | None = None,
+    memory_budget: str | None = None,
     data: str = "",
     progress: bool = True,
     options: FitOptions | None = None,
@@ -175,7 +187,8 @@ def estimate(
             subsampled to the smaller size with ``seed``).
         modules: patterns or specs of the outputs to transport; None: the default preset.
         layers: keep only some layers of the matched modules (``every-2nd``, ``first-half``, ``"0,4,8"``, ...).
-        method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves: see FitOptions.
+        method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves, memory_budget:
+            see FitOptions (``memory_budget="2GB"``: one decoder layer at a time, bounded memory, same maps).
         data: a description of the data, stored in the config.
         progress: show progress bars.
         options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
@@ -191,7 +204,7 @@ def estimate(
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
     given = dict(layers=layers, method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
-                 steps=steps, spatial=spatial, halves=halves)
+                 steps=steps, spatial=spatial, halves=halves, memory_budget=memory_budget)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
     source, target = check_texts(source if source is not None else [], "source"), check_texts(target if target is not None else [], "target")
@@ -239,7 +252,7 @@ def estimate(
                                             progress)
             notes += more
         else:
-            fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress)
+            fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress, notes)
     for spec, counts in flat.items():
         if max(counts):
             where = "" if n_steps == 1 or len(counts) == 1 else f" at {sum(c > 0 for c in counts)} of {len(counts)} steps"

@@ -4,8 +4,10 @@ learned at once by backpropagating through the model (see :mod:`acttransport.met
 The target sentences run once, unsteered: their pooled activations at each module, sorted, are
 the targets. Each training step runs the (training share of the) source sentences with every
 map applied — module k sees the maps of the earlier modules, as at inference — pools each
-module's *mapped* output, and sums the per-unit W2² to the targets over units and modules. The
-model's weights are frozen (no gradient is kept for them); gradients flow only into ω and c.
+module's *mapped* output, and sums the per-unit W2² to the targets over units and modules; every
+forward pass stops at the last mapped module (on Gemma-3-270M the LM head alone is most of the
+model's arithmetic). The model's weights are frozen (no gradient is kept for them); gradients
+flow only into ω and c.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from ..transport.support import support_bounds
 from .collect import Site, collect_sites
 
 __all__ = ["fit_lineas_joint"]
+
+
+class _Done(Exception):
+    """Ends a forward pass once the last mapped module has been pooled (the rest of the model,
+    the LM head included, plays no part in the loss)."""
 
 
 @contextlib.contextmanager
@@ -63,8 +70,8 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
     n = len(source)
     ts, hs = split(n, opts.holdout, seed)
     tt, ht = split(len(target), opts.holdout, seed + 1)
-    src_acts = collect_sites(runner, source, sites, pooling, progress=False)
-    tgt_acts = collect_sites(runner, target, sites, pooling, progress=False)
+    src_acts = collect_sites(runner, source, sites, pooling, stop_after=sites[-1], progress=False)
+    tgt_acts = collect_sites(runner, target, sites, pooling, stop_after=sites[-1], progress=False)
     dev = runner.device
     params = {s: AffineParams.identity_for(src_acts[(s, 0)][ts].to(dev)) for s in specs}
     tgt_train = {s: torch.sort(tgt_acts[(s, 0)][tt], 0).values for s in specs}
@@ -86,6 +93,8 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
                 out[spec].append(runner.pool(new, state["batch"], pooling))
                 if record_inputs:
                     ins[spec].append(runner.pool(x.detach(), state["batch"], pooling).cpu())
+                if spec == specs[-1]:
+                    raise _Done
                 return replace_output(output, spec, new)
 
             return hook
@@ -94,7 +103,10 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
         try:
             for b in batches:
                 state["batch"] = b
-                runner.forward(b)
+                try:
+                    runner.forward(b)
+                except _Done:
+                    pass
         finally:
             remove_hooks(handles)
         return {s: torch.cat(v) for s, v in out.items()}, {s: torch.cat(v) for s, v in ins.items() if v}
