@@ -20,7 +20,7 @@ from ..targets.layouts import POOLINGS, apply_map
 from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 
-__all__ = ["Site", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "release_freed_memory", "steer_rows"]
+__all__ = ["Site", "StopForward", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "release_freed_memory", "steer_rows"]
 
 Site = tuple[str, int]
 _LIBC: list[Any] = []
@@ -45,8 +45,8 @@ def release_freed_memory() -> None:
         _LIBC[0](0)
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end a forward pass early."""
+class StopForward(Exception):
+    """Raised inside a hook (or a layer) to end a forward pass early; the caller catches it."""
 
 
 def check_texts(texts: Sequence[str], label: str) -> list[str]:
@@ -171,7 +171,7 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
             if (spec, k) in wanted:
                 chunks[(spec, k)].append(runner.pool(pick_output(output, spec), state["batch"], pooling).cpu())
             if (spec, k) == stop_after:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -187,7 +187,7 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
             state["batch"], state["calls"] = batch, {}
             try:
                 runner.forward(batch)
-            except _Stop:
+            except StopForward:
                 pass
             order.extend(batch.rows)
             release_freed_memory()

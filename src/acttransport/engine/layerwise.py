@@ -32,13 +32,9 @@ from ..errors import ConfigError
 from ..runners import Batch, Runner
 from ..targets.names import add_hooks, pick_output, remove_hooks
 from ..transport.maps import ModuleMap
-from .collect import Site, apply_to_rows, release_freed_memory
+from .collect import Site, StopForward, apply_to_rows, release_freed_memory
 
 __all__ = ["LayerwiseCost", "decoder_stack", "fit_causal_layerwise"]
-
-class _Stop(Exception):
-    """Ends a layer call once the module being fitted has been pooled."""
-
 
 def _layer_of(spec: str, prefix: str) -> int | None:
     rest = spec.split(":")[0]
@@ -146,7 +142,7 @@ def _record(runner: Runner, batches: Sequence[Batch], layers: nn.ModuleList, las
             if i == 0:
                 cache.put(state["b"], hidden)
             if i == last:
-                raise _Stop
+                raise StopForward
             return hidden
 
         return forward
@@ -159,7 +155,7 @@ def _record(runner: Runner, batches: Sequence[Batch], layers: nn.ModuleList, las
             state["b"] = b
             try:
                 runner.forward(batch)
-            except _Stop:
+            except StopForward:
                 pass
             if len(calls[b]) != last + 1:
                 raise ConfigError(f"the model called {len(calls[b])} of its first {last + 1} decoder layers in a forward pass; "
@@ -229,7 +225,7 @@ def fit_causal_layerwise(
         def pooler(spec: str) -> Callable[..., Any]:
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
                 state["pooled"].append(runner.pool(pick_output(output, spec), batches[state["b"]], pooling).cpu())
-                raise _Stop
+                raise StopForward
 
             return hook
 
@@ -246,7 +242,7 @@ def fit_causal_layerwise(
                     n_calls += 1
                     try:
                         out = layers[i](cache.get(b), *args, **kwargs)
-                    except _Stop:
+                    except StopForward:
                         n_stopped, out = n_stopped + 1, None
                     if keep and out is not None:
                         cache.put(b, out[0] if isinstance(out, tuple) else out)

@@ -25,14 +25,9 @@ from ..runners import Runner
 from ..targets.names import add_hooks, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
-from .collect import Site, collect_sites
+from .collect import Site, StopForward, collect_sites
 
 __all__ = ["fit_lineas_joint"]
-
-
-class _Done(Exception):
-    """Ends a forward pass once the last mapped module has been pooled (the rest of the model,
-    the LM head included, plays no part in the loss)."""
 
 
 @contextlib.contextmanager
@@ -94,7 +89,7 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
                 if record_inputs:
                     ins[spec].append(runner.pool(x.detach(), state["batch"], pooling).cpu())
                 if spec == specs[-1]:
-                    raise _Done
+                    raise StopForward  # the rest of the model, LM head included, plays no part in the loss
                 return replace_output(output, spec, new)
 
             return hook
@@ -105,7 +100,7 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
                 state["batch"] = b
                 try:
                     runner.forward(b)
-                except _Done:
+                except StopForward:
                     pass
         finally:
             remove_hooks(handles)
