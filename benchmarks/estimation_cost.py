@@ -7,7 +7,8 @@
    * ``per-module`` — the reference implementation's approach: for module k, re-run the data
      with the maps of modules 0..k−1 applied, truncated after module k, and fit.
    Printed as time ÷ ``plain``.
-2. **The fit step alone** (``fit_linear`` on random ``[n, d]`` pairs) for several n and d.
+2. **The fit step alone** (``fit_linear`` on random ``[n, d]`` pairs) for several n and d, up to
+   ``[10⁴, 10⁵]``, beside the torch.sort version it replaced.
 3. **Peak memory** (the resident set sampled every 10 ms in a fresh process, and its rise over
    the loaded model) of a causal estimation against the number of sentences, with the plain
    collection and the layer-by-layer estimation under ``memory_budget="64MB"`` beside it
@@ -104,16 +105,40 @@ def passes(model_name: str, n: int, reps: int) -> None:
         print(f"| {k} | {t:.1f} | {t / med['plain']:.2f} |")
 
 
-def fit_step() -> None:
+def _fit_linear_torch_sort(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The fit step as it was before numpy's vectorised sort: torch.sort of the contiguous
+    float64 transposes, whole [n, d] at once."""
+    a, b = a.double(), b.double()
+    sa = torch.sort(a.T.contiguous(), dim=1).values
+    sb = torch.sort(b.T.contiguous(), dim=1).values
+    ca, cb = sa - a.mean(0)[:, None], sb - b.mean(0)[:, None]
+    (ca * cb).sum(1) / (ca * ca).sum(1)
+
+
+FIT_SIZES = ((1000, 1000), (1000, 10000), (10000, 1000), (10000, 10000), (1000, 100000), (10000, 100000))
+
+
+def fit_step(torch_up_to: int = 10 ** 8) -> None:
+    """``fit_linear`` on random float32 pairs; beside it, up to ``torch_up_to`` values per set,
+    the torch.sort version it replaced (same process, same data, run after it)."""
     from acttransport.methods import fit_linear
 
-    print("\n### the fit step: fit_linear on [n, d] float32 pairs\n\n| n | d | seconds |\n|---:|---:|---:|")
+    print("\n### the fit step: fit_linear on [n, d] float32 pairs\n")
+    print("| n | d | fit_linear: seconds | torch.sort version: seconds | ratio |\n|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
-    for n, d in ((1000, 1000), (1000, 10000), (10000, 1000), (10000, 10000), (1000, 100000)):
+    for n, d in FIT_SIZES:
         a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) + 1
         t0 = time.perf_counter()
         fit_linear(a, b)
-        print(f"| {n} | {d} | {time.perf_counter() - t0:.2f} |", flush=True)
+        t = time.perf_counter() - t0
+        if n * d <= torch_up_to:
+            t0 = time.perf_counter()
+            _fit_linear_torch_sort(a, b)
+            t_old = time.perf_counter() - t0
+            print(f"| {n:,} | {d:,} | {t:.2f} | {t_old:.2f} | {t_old / t:.1f}× |", flush=True)
+        else:
+            print(f"| {n:,} | {d:,} | {t:.2f} | not run (its float64 copies need > 24 GB) | – |", flush=True)
+        del a, b
 
 
 MEMORY_MODES = {"collect": "collect (plain pass)", "causal": "causal one-pass", "budget": "causal, --memory-budget 64MB"}

@@ -19,8 +19,9 @@ STD_EPS = 1e-6
 MIN_PER_CLASS = 2
 
 
-def check_pair(a: Tensor, b: Tensor, name: str = "activations") -> tuple[Tensor, Tensor]:
-    """Validates two activation matrices and returns them as float64.
+def check_pair(a: Tensor, b: Tensor, name: str = "activations", float64: bool = True) -> tuple[Tensor, Tensor]:
+    """Validates two activation matrices and returns them detached, as float64 unless
+    ``float64=False`` (an estimator that converts slice by slice, for data too large to copy whole).
 
     Raises:
         DataError: shapes differ in width, a set is empty, or values are NaN/inf.
@@ -31,8 +32,10 @@ def check_pair(a: Tensor, b: Tensor, name: str = "activations") -> tuple[Tensor,
         raise DataError(f"{name}: source has {a.shape[0]} samples and target {b.shape[0]}; both need at least one")
     if a.shape[1] != b.shape[1]:
         raise DataError(f"{name}: source has {a.shape[1]} units but target {b.shape[1]}")
-    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    for label, x in (("source", a64), ("target", b64)):
+    a, b = a.detach(), b.detach()
+    if float64:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+    for label, x in (("source", a), ("target", b)):
         bad = ~torch.isfinite(x)
         if bad.any():
             rows = bad.any(dim=1).nonzero().flatten()[:5].tolist()
@@ -40,7 +43,7 @@ def check_pair(a: Tensor, b: Tensor, name: str = "activations") -> tuple[Tensor,
                 f"{name}: {int(bad.sum())} NaN/inf values in the {label} activations (sentences {rows}...). "
                 "The model overflows on these inputs: load it in float32, or drop those sentences."
             )
-    return a64, b64
+    return a, b
 
 
 def two_classes(a: Tensor, b: Tensor, method: str) -> tuple[Tensor, Tensor]:
