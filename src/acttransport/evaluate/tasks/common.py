@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from torch import nn
 
@@ -16,7 +16,7 @@ from ...options import FitOptions
 from ...steer import load, steer
 from ..grid import UNSTEERED, Strengths, make_cells
 
-__all__ = ["MapCache", "check_grid", "fit_config", "fitter", "steering", "t2i_fit_config"]
+__all__ = ["MapCache", "MethodOptions", "check_grid", "check_method_options", "fit_config", "fitter", "steering", "t2i_fit_config"]
 
 
 def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int]) -> None:
@@ -32,26 +32,48 @@ def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int
     make_cells(methods, strengths, seeds)  # raises if a method has no strengths
 
 
-def fit_config(fit: FitOptions) -> dict[str, Any]:
-    """The fitting options a sweep config records (the method varies per cell, the seed is the task's)."""
+MethodOptions = Mapping[str, Mapping[str, Any]]
+
+
+def check_method_options(methods: Sequence[str], method_options: MethodOptions | None) -> dict[str, dict[str, Any]]:
+    """``{method: {option: value}}`` checked against the sweep's methods and each method's options.
+
+    Raises:
+        ConfigError: options for a method the sweep does not run, or an option the method does not take.
+    """
+    out = {m: dict(o) for m, o in (method_options or {}).items()}
+    for m, opts in out.items():
+        if m not in methods:
+            raise ConfigError(f"options given for method {m!r}, which is not in the sweep's methods ({', '.join(methods)})")
+        method_info(m).check_options(opts)
+    return out
+
+
+def fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> dict[str, Any]:
+    """The fitting options a sweep config records (the method varies per cell, the seed is the task's),
+    with the per-method estimator options where any are given."""
     d = fit.describe()
     layers = {"layers": d["layers"]} if d["layers"] is not None else {}  # absent when unset: older sweeps keep their hash
+    opts = {"method_options": {m: dict(o) for m, o in method_options.items()}} if method_options else {}
     return {"modules": d["modules"], **layers, "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
-            "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"]}
+            "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"], **opts}
 
 
-def t2i_fit_config(fit: FitOptions) -> dict[str, Any]:
+def t2i_fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> dict[str, Any]:
     """:func:`fit_config` plus the diffusion fields (steps, spatial, halves)."""
-    return {**fit_config(fit), "steps": fit.steps, "spatial": fit.spatial, "halves": fit.halves}
+    return {**fit_config(fit, method_options), "steps": fit.steps, "spatial": fit.spatial, "halves": fit.halves}
 
 
 def fitter(model: nn.Module, tokenizer: Any, source: Sequence[str], target: Sequence[str], fit: FitOptions, seed: int,
-           data: str, progress: bool) -> Callable[[str], TransportMap]:
+           data: str, progress: bool, method_options: MethodOptions | None = None) -> Callable[[str], TransportMap]:
     """``fit(method) -> TransportMap``: :func:`~acttransport.engine.estimate` of one method on
-    the task's source and target sentences, with ``fit``'s options and the task's seed."""
+    the task's source and target sentences, with ``fit``'s options, the method's entry of
+    ``method_options`` (estimator options, e.g. ``{"lineas": {"iters": 60}}``) and the task's seed."""
+    per_method = dict(method_options or {})
 
     def run(method: str) -> TransportMap:
-        return estimate(model, tokenizer, source, target, data=data, progress=progress, options=fit.replace(method=method, seed=seed))
+        options = fit.replace(method=method, seed=seed, method_options=dict(per_method.get(method, {})))
+        return estimate(model, tokenizer, source, target, data=data, progress=progress, options=options)
 
     return run
 

@@ -49,7 +49,7 @@ from ..results import aggregate
 from ..store import prepare
 from ..sweep import run_sweep
 from ..grid import config_hash, digest, make_cells, strengths_per_method
-from .common import MapCache, check_grid, fit_config, fitter, steering
+from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
 
 __all__ = ["CONCEPT_FIT", "METRICS", "STORY_PROMPTS", "concept_sweep", "concepts_markdown", "summarize_concepts"]
 
@@ -129,6 +129,7 @@ def concept_sweep(
     data: dict[str, Sequence[str]] | None = None, generic: Sequence[str] | None = None, judge: ConceptJudge | None = None,
     data_seed: int = 0, generator: tuple[nn.Module, Any] | None = None,
     model_name: str | None = None, restart: bool = False, progress: bool = True, quiet: bool = False,
+    method_options: MethodOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Concept induction: steer from generic sentences towards sentences about each concept.
 
@@ -165,6 +166,7 @@ def concept_sweep(
         model_name: stored in the config (default: the model's own id).
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed tables.
+        method_options: estimator options per method (as in :func:`~acttransport.evaluate.tasks.toxicity.toxicity_sweep`).
 
     Returns:
         Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, elapsed_s}``.
@@ -175,6 +177,7 @@ def concept_sweep(
     """
     fit = fit or CONCEPT_FIT
     check_grid(methods, strengths, seeds)
+    method_options = check_method_options(methods, method_options)
     per_method = strengths_per_method(methods, strengths)
     for v in per_method.values():
         for s in v:
@@ -204,7 +207,7 @@ def concept_sweep(
         cal = dataclasses.asdict(judge.calibrate(c, splits[c.name][1], negatives, seed=data_seed))
         calib[c.name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()}
     config = {
-        "task": "concept", "model": model_name or model_id(model), **fit_config(fit), "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
+        "task": "concept", "model": model_name or model_id(model), **fit_config(fit, method_options), "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
         "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
         "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts,
         "sampling": dataclasses.asdict(sampling),
@@ -221,7 +224,7 @@ def concept_sweep(
 
     source = data_desc["concept_data"].get("generator", "injected")
     fitters = {c: fitter(model, tokenizer, fit_src, splits[c][0], fit, data_seed, f"{n_fit} generic -> {n_fit} {c!r} sentences ({source})",
-                         progress) for c in names}
+                         progress, method_options) for c in names}
     maps = MapCache(out, model, lambda key: fitters[key.split("/")[0]](key.split("/")[1]))
     unsteered: dict[int, tuple[list[str], float]] = {}
 

@@ -33,7 +33,7 @@ from ...steer import check_strength
 from ..grid import UNSTEERED, Strengths, make_cells, strengths_per_method
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import MapCache, check_grid, fitter, steering, t2i_fit_config
+from .common import MapCache, MethodOptions, check_grid, check_method_options, fitter, steering, t2i_fit_config
 from .images import background_ok, border_stats, cell_seeds, generate_images, load_images, save_grid, save_images, twin_similarity
 
 __all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2IData", "default_guidance", "negation_data", "negation_sweep", "negative_prompt", "style_data", "style_sweep", "t2i_sweep"]
@@ -153,6 +153,7 @@ def t2i_sweep(
     fit: FitOptions | None = None, num_inference_steps: int = 20, guidance_scale: float | None = None, batch_size: int = 32,
     judge: Any = None, data_seed: int = 0, grid_images: int = 8, valid_range: tuple[float, float] | None = None,
     model_name: str | None = None, restart: bool = False, progress: bool = True, quiet: bool = False,
+    method_options: MethodOptions | None = None,
 ) -> list[dict[str, Any]]:
     """The sweep behind :func:`style_sweep` and :func:`negation_sweep` (see the module docstring).
 
@@ -166,6 +167,7 @@ def t2i_sweep(
     if NEGATIVE_PROMPT in methods and task != "negation":
         raise ConfigError("the negative-prompt baseline is a negation method; drop it from --methods")
     check_grid(steered or ["linear"], strengths, seeds)
+    method_options = check_method_options(steered, method_options)
     for vals in strengths_per_method(steered, strengths).values():
         for s in vals:
             check_strength(s, True)
@@ -175,14 +177,14 @@ def t2i_sweep(
         judge = load_toy_judge()
     valid_range = valid_range or _valid_range()
     config = {
-        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **t2i_fit_config(fit), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
+        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **t2i_fit_config(fit, method_options), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
         "n_images": len(d.prompts), "prompts_digest": hash_prompts(d), "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "data_seed": data_seed, "judge": type(judge).__name__, "valid_range": list(valid_range),
     }
     out = prepare(out_dir, config, restart)
     runner = DiffusionRunner(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
                              seed=10**6 + data_seed)  # fitting noise apart from every evaluation seed
-    maps = MapCache(out, pipe, fitter(runner, None, d.source, d.target, fit, data_seed, d.description, progress))
+    maps = MapCache(out, pipe, fitter(runner, None, d.source, d.target, fit, data_seed, d.description, progress, method_options))
     twins: dict[int, Tensor] = {}
 
     def images_of(method: str, lam: float, seed: int) -> Tensor:

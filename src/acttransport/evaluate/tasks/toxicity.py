@@ -23,7 +23,7 @@ from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
 from ..metrics import mc_scores
 from ..store import amend_cells, prepare
 from ..sweep import run_sweep
-from .common import MapCache, check_grid, fit_config, fitter, steering
+from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
 
 #: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
 REF_PPL_TOKENS = 50
@@ -82,10 +82,10 @@ def toxicity_data(
 
 
 def toxicity_config(model_name: str | None, fit: FitOptions, d: ToxicityData, data_seed: int, sampling: Sampling, judge: Judge,
-                    ppl_model: str | None) -> dict[str, Any]:
+                    ppl_model: str | None, method_options: MethodOptions | None = None) -> dict[str, Any]:
     """The sweep's fixed configuration (everything but the grid)."""
     return {
-        "task": "toxicity", "model": model_name, **fit_config(fit), "data_seed": data_seed, **d.descriptions,
+        "task": "toxicity", "model": model_name, **fit_config(fit, method_options), "data_seed": data_seed, **d.descriptions,
         "clean_ppl": "token-weighted: exp(sum nll / sum tokens)",
         "factual_ppl": "token-weighted, the true statements of the capability pairs",
         "factual_ppl_ref": f"mean per-sentence PPL of the true statements, first {REF_PPL_TOKENS} tokens (the reference's definition)",
@@ -175,6 +175,7 @@ def toxicity_sweep(
     restart: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    method_options: MethodOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Toxicity mitigation: toxic share, fluency, clean-text perplexity and capability vs λ.
 
@@ -221,6 +222,8 @@ def toxicity_sweep(
         model_name: stored in the config (default: the model's own id).
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed table.
+        method_options: estimator options per method, e.g. ``{"lineas": {"iters": 60}}``
+            (CLI: ``--option lineas:iters=60``); recorded in the config.
 
     Returns:
         Per-cell rows ``{method, strength, seed, toxic_share, [toxic_share_bal, toxic_score,] ppl_unsteered, [ppl_other,]
@@ -228,14 +231,17 @@ def toxicity_sweep(
     """
     fit = fit or FitOptions()
     check_grid(methods, strengths, seeds)
+    method_options = check_method_options(methods, method_options)
     d = toxicity_data(n_prompts, n_fit, n_clean, data, data_seed, prompts, source, target, clean_texts, capability_pairs)
     if judge is None:
         from ..judges.toxicity import ToxicityJudge
 
         judge = ToxicityJudge.load_or_train()
-    config = toxicity_config(model_name or model_id(model), fit, d, data_seed, sampling, judge, ppl_model[2] if ppl_model else None)
+    config = toxicity_config(model_name or model_id(model), fit, d, data_seed, sampling, judge, ppl_model[2] if ppl_model else None,
+                             method_options)
     out = prepare(out_dir, config, restart)
-    maps = MapCache(out, model, fitter(model, tokenizer, d.source, d.target, fit, data_seed, d.descriptions["fit_data"], progress))
+    maps = MapCache(out, model, fitter(model, tokenizer, d.source, d.target, fit, data_seed, d.descriptions["fit_data"], progress,
+                                           method_options))
     (out / "continuations").mkdir(exist_ok=True)
     fill_judge_metrics(out, config, judge, d.prompts)
     run_cell = toxicity_cell(model, tokenizer, maps, d, judge, sampling, ppl_model, fit.batch_size, out, progress)

@@ -16,7 +16,7 @@ from ..grid import Strengths, digest, make_cells
 from ..metrics import mc_scores
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import MapCache, check_grid, fit_config, fitter, steering
+from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
 
 __all__ = ["MAX_BATCH", "split_pairs", "truthfulness_sweep"]
 
@@ -55,6 +55,7 @@ def truthfulness_sweep(
     restart: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    method_options: MethodOptions | None = None,
 ) -> list[dict[str, Any]]:
     """MC1/MC2 on held-out true/false pairs while steering from false towards true statements.
 
@@ -77,6 +78,7 @@ def truthfulness_sweep(
         model_name: stored in the config (default: the model's own id).
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed table.
+        method_options: estimator options per method (as in :func:`~acttransport.evaluate.tasks.toxicity.toxicity_sweep`).
 
     Returns:
         Per-cell rows ``{method, strength, seed, mc1, mc2, mc1_norm, mc2_norm, n_pairs, elapsed_s}``.
@@ -84,6 +86,7 @@ def truthfulness_sweep(
     fit = fit or FitOptions()
     fit = fit.replace(batch_size=min(fit.batch_size, MAX_BATCH))
     check_grid(methods, strengths, [seed])
+    method_options = check_method_options(methods, method_options)
     if pairs is None:
         from ...assets import load_truthful_pairs
 
@@ -92,12 +95,13 @@ def truthfulness_sweep(
         pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {digest([list(p) for p in pairs])})"
     fit_pairs, eval_pairs = split_pairs(pairs, seed)
     config = {
-        "task": "truthfulness", "model": model_name or model_id(model), **fit_config(fit), "split_seed": seed, "data": data,
+        "task": "truthfulness", "model": model_name or model_id(model), **fit_config(fit, method_options), "split_seed": seed, "data": data,
         "n_fit": len(fit_pairs), "n_eval": len(eval_pairs), "source": "false statements", "target": "true statements",
     }
     out = prepare(out_dir, config, restart)
     desc = f"{data}: {len(fit_pairs)} false -> true statements (split seed {seed})"
-    maps = MapCache(out, model, fitter(model, tokenizer, [f for _, f in fit_pairs], [t for t, _ in fit_pairs], fit, seed, desc, progress))
+    maps = MapCache(out, model, fitter(model, tokenizer, [f for _, f in fit_pairs], [t for t, _ in fit_pairs], fit, seed, desc, progress,
+                                           method_options))
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         with steering(model, maps, cell["method"], cell["strength"]):
