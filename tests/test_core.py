@@ -494,6 +494,32 @@ def test_hook_kernel_is_built_once_and_equals_delta_to_the_bit(bounded):
         assert (k(x) == x).any() and (k(x) != x).any()  # some values outside the support, some inside
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_hooks_equal_the_general_path_to_the_bit(llama, tok, texts, dtype):
+    """steer's fast hook (checks once per device/dtype, then the kernel) against hooks that run
+    pick_output -> apply_map -> replace_output on every call, tuple outputs (self_attn:0) included."""
+    from acttransport.targets.names import add_hooks, pick_output, remove_hooks, replace_output
+
+    mods = [PAL, r"model\.layers\.1\.self_attn:0"]
+    tmap = est(llama, tok, texts, mods, support="observed")
+    model = llama.to(dtype)
+    try:
+        def make(spec):
+            return lambda mod, args, out: replace_output(out, spec, apply_map(pick_output(out, spec), tmap.maps[spec], 0.6))
+
+        handles = add_hooks(model, tmap.modules, make)
+        try:
+            ref = logits(model, tok)
+        finally:
+            remove_hooks(handles)
+        with at.steer(model, tmap, 0.6):
+            got, again = logits(model, tok), logits(model, tok)  # the second call takes the cached route
+        assert torch.equal(got, ref) and torch.equal(again, ref)
+        assert not torch.equal(ref, logits(model, tok))
+    finally:
+        llama.to(torch.float32)
+
+
 def test_per_row_strengths_mix_steered_and_unsteered_rows_in_one_batch(llama, tok, texts):
     src, tgt = texts
     tmap = at.estimate(llama, tok, src, tgt, modules="@all-norms", support="all", progress=False)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .artifact import TransportMap, read_map
+from .transport.maps import ModuleMap
 from .errors import ConfigError, MapFormatError
 from .options import HALVES
 from .runners.diffusion import read_timestep
@@ -95,6 +96,34 @@ def _step_of(t: float, timesteps: tuple[float, ...]) -> int:
     )
 
 
+def _plain_hook(spec: str, m: ModuleMap, lam: float, spatial: str) -> Callable:
+    """The hook of one map shared by every call at one λ — a causal LM's, every token: the
+    output's structure and the map's fit are checked on the first call of each (device, dtype,
+    rank, width); later calls go straight to the map's kernel (``x + λ·(x·(ω − 1) + β)``,
+    its tensors already on the device, :meth:`ModuleMap.kernel`)."""
+    if lam == 0.0:
+        return lambda module, args, output: None  # λ = 0: outputs untouched, bit for bit
+    _, idx = split_spec(spec)
+    routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def route(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        pick_output(x, split_spec(spec)[0])  # a floating-point tensor, or a clear error
+        if x.ndim in (2, 3) and x.shape[-1] == m.width and x.dtype in (torch.float32, torch.float64):
+            return m.kernel(lam, x.device, x.dtype)
+        return lambda y: apply_map(y, m, lam, spatial)  # other layouts and dtypes; its checks raise on a width mismatch
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        x = output if idx is None and type(output) is torch.Tensor else pick_output(output, spec)
+        key = (x.device, x.dtype, x.ndim, x.shape[-1])
+        k = routes.get(key)
+        if k is None:
+            k = routes[key] = route(x)
+        new = k(x)
+        return new if idx is None else replace_output(output, spec, new)
+
+    return hook
+
+
 @contextlib.contextmanager
 def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | torch.Tensor = 1.0, allow_unbounded: bool = False,
           halves: str | None = None) -> Iterator[Any]:
@@ -159,6 +188,8 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
 
     def make(spec: str) -> Callable:
         steps, shared = per_step.get(spec), tmap.maps[spec]
+        if steps is None and rows is None and halves != "cond":
+            return _plain_hook(spec, shared, lam, spatial)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if lam == 0.0:
