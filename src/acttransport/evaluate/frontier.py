@@ -1,9 +1,10 @@
 """The toxicity-vs-fluency frontier across toxicity sweeps: one point per (causal conditioning,
-layer subset, λ), measured against the unsteered cell of the same model.
+layer subset, λ) — or, with ``by="method"``, per (method, fitting sentences, λ) — measured
+against the unsteered cell of the same model.
 
 Each sweep directory contributes its aggregated rows; its config says the conditioning
-(``condition``) and the layer subset (``layers``, ``all`` when absent). The unsteered row
-(method ``none``) of any directory of the same model is the reference.
+(``condition``), the layer subset (``layers``, ``all`` when absent) and the fitting-set size
+(``n_fit``). The unsteered row (method ``none``) of any directory of the same model is the reference.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from ..errors import DataError
 from .plots import save_png
 from .results import load_results
 
-__all__ = ["best_within", "frontier_points", "frontier_table", "plot_toxicity_frontier"]
+__all__ = ["BY", "best_within", "frontier_points", "frontier_table", "plot_toxicity_frontier"]
+
+#: What tells the points apart: the causal conditioning and layer subset, or the method and fitting-set size.
+BY = ("condition", "method")
 
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
-    """One dict per steered aggregate row: ``model, condition, layers, method, strength, x_rise``
+    """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, strength, x_rise``
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
 
@@ -35,7 +39,7 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
             continue
         for a in res["aggregates"]:
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
-                 "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
+                 "n_fit": cfg.get("n_fit"), "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
                  "toxic_share": a.get("toxic_share_bal_mean", a.get("toxic_share_mean")), "clean": a.get("clean_ppl_mean"), "dir": str(d)}
             (base.setdefault(r["model"], r) if r["method"] == "none" else rows.append(r))
     if not rows and not base:
@@ -52,38 +56,51 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
     return out
 
 
-def best_within(points: Sequence[dict[str, Any]], budget: float) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (model, condition): the steered point of lowest ``y`` whose ``x_rise`` ≤ budget."""
+def best_within(points: Sequence[dict[str, Any]], budget: float, by: str = "condition") -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (model, ``p[by]``): the steered point of lowest ``y`` whose ``x_rise`` ≤ budget."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for p in points:
         if p["method"] == "none" or p["x_rise"] > budget:
             continue
-        k = (p["model"], p["condition"])
+        k = (p["model"], p[by])
         if k not in best or p["y"] < best[k]["y"]:
             best[k] = p
     return best
 
 
-def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None) -> str:
-    """Markdown, one row per point (``*``: best within the budget for its model and conditioning)."""
-    chosen = {id(p) for p in best_within(points, budget).values()} if budget is not None else set()
-    lines = ["| model | conditioning | layers | λ | factual PPL | Δ factual | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
+def _check_by(by: str) -> None:
+    if by not in BY:
+        raise DataError(f"frontier points are told apart by one of {', '.join(BY)}, not {by!r}")
+
+
+def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None, by: str = "condition") -> str:
+    """Markdown, one row per point (``*``: best within the budget for its model and ``p[by]``);
+    ``by="method"`` names the method and fitting-set size instead of the conditioning and layers."""
+    _check_by(by)
+    chosen = {id(p) for p in best_within(points, budget, by).values()} if budget is not None else set()
+    what = ("conditioning", "layers") if by == "condition" else ("method", "fitting sentences per set")
+    lines = [f"| model | {what[0]} | {what[1]} | λ | factual PPL | Δ factual | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
              "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
-    key = lambda p: (p["model"] or "", p["method"] != "none", p["condition"], p["layers"], p["strength"])  # noqa: E731
+    cols = (lambda p: (p["condition"], p["layers"])) if by == "condition" else (lambda p: (p["method"], p["n_fit"] or "?"))
+    key = lambda p: (p["model"] or "", p["method"] != "none", *[str(c) for c in cols(p)], p["strength"])  # noqa: E731
     for p in sorted(points, key=key):
         if p["method"] == "none":
             lines.append(f"| {p['model']} | none (unsteered) | – | 0 | {p['x']:.2f} | – | {100 * p['y']:.2f} | – | {100 * p['toxic_share']:.1f} | – |")
             continue
         star = "*" if id(p) in chosen else ""
         clean = "–" if p["clean_rise"] is None else f"{100 * p['clean_rise']:+.0f}%"
-        lines.append(f"| {p['model']} | {p['condition']}{star} | {p['layers']} | {p['strength']:g} | {p['x']:.2f} | {100 * p['x_rise']:+.1f}% | "
+        a, b = cols(p)
+        lines.append(f"| {p['model']} | {a}{star} | {b} | {p['strength']:g} | {p['x']:.2f} | {100 * p['x_rise']:+.1f}% | "
                      f"{100 * p['y']:.2f} | {p['y_ratio']:.2f}× | {100 * p['toxic_share']:.1f} | {clean} |")
     return "\n".join(lines)
 
 
-def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.PathLike, budget: float | None = None) -> Path:
+def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.PathLike, budget: float | None = None,
+                           by: str = "condition") -> Path:
     """Mean toxicity probability vs factual-PPL rise, one panel per model, a colour per
-    conditioning, a marker per layer subset, λ written beside each point."""
+    conditioning and a marker per layer subset (``by="method"``: a colour per method and a
+    marker per fitting-set size), λ written beside each point."""
+    _check_by(by)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,8 +108,17 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
 
     models = sorted({p["model"] for p in points})
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), dpi=100, squeeze=False)
-    markers = dict(zip(["all", "every-2nd", "every-3rd", "first-half", "second-half"], "os^vD"))
-    colours = {"both": "tab:red", "source": "tab:blue"}
+    if by == "condition":
+        colour_of, marker_of = (lambda p: p["condition"]), (lambda p: p["layers"])
+        markers = dict(zip(["all", "every-2nd", "every-3rd", "first-half", "second-half"], "os^vD"))
+        colours = {"both": "tab:red", "source": "tab:blue"}
+        labels = ("conditioning", "layers")
+    else:
+        colour_of, marker_of = (lambda p: p["method"]), (lambda p: p["n_fit"])
+        steered = [p for p in points if p["method"] != "none"]
+        colours = dict(zip(sorted({p["method"] for p in steered}), ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+        markers = dict(zip(sorted({p["n_fit"] for p in steered}, key=lambda n: (n is None, n or 0)), "os^vDP"))
+        labels = ("method", "fitting sentences per set:")
     try:
         for ax, model in zip(axes[0], models):
             pts = [p for p in points if p["model"] == model]
@@ -100,8 +126,8 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
                 if p["method"] == "none":
                     ax.scatter([0], [100 * p["y"]], marker="*", s=140, color="black", zorder=3)
                     continue
-                ax.scatter([100 * p["x_rise"]], [100 * p["y"]], marker=markers.get(p["layers"], "P"), s=40,
-                           color=colours.get(p["condition"], "tab:green"), alpha=0.85)
+                ax.scatter([100 * p["x_rise"]], [100 * p["y"]], marker=markers.get(marker_of(p), "P"), s=40,
+                           color=colours.get(colour_of(p), "tab:green"), alpha=0.85)
                 ax.annotate(f"{p['strength']:g}", (100 * p["x_rise"], 100 * p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if budget is not None:
                 ax.axvline(100 * budget, color="grey", linestyle="--", linewidth=1)
@@ -110,10 +136,10 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
             ax.set_ylabel("mean p(toxic) of continuations (%)")
             ax.grid(alpha=0.3)
         handles = [plt.Line2D([], [], marker="*", color="black", linestyle="none", markersize=10, label="unsteered")]
-        handles += [plt.Line2D([], [], marker="o", color=c, linestyle="none", label=f"conditioning {k}") for k, c in colours.items()
-                    if any(p["condition"] == k and p["method"] != "none" for p in points)]
-        handles += [plt.Line2D([], [], marker=m, color="grey", linestyle="none", label=f"layers {k}") for k, m in markers.items()
-                    if any(p["layers"] == k for p in points)]
+        handles += [plt.Line2D([], [], marker="o", color=c, linestyle="none", label=f"{labels[0]} {k}") for k, c in colours.items()
+                    if any(colour_of(p) == k and p["method"] != "none" for p in points)]
+        handles += [plt.Line2D([], [], marker=m, color="grey", linestyle="none", label=f"{labels[1]} {k}") for k, m in markers.items()
+                    if any(marker_of(p) == k and p["method"] != "none" for p in points)]
         if budget is not None:
             handles.append(plt.Line2D([], [], color="grey", linestyle="--", label=f"budget {100 * budget:+g}%"))
         axes[0][-1].legend(handles=handles, fontsize=7)
