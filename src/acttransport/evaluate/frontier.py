@@ -24,7 +24,8 @@ BY = ("condition", "method")
 
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
-    """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, strength, x_rise``
+    """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, label`` (the
+    method with its sweep options, e.g. ``lineas (iters=60)``), ``strength, x_rise``
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
 
@@ -37,9 +38,12 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
         cfg = res.get("config", {})
         if cfg.get("task") != "toxicity":
             continue
+        options = cfg.get("method_options") or {}
         for a in res["aggregates"]:
+            opts = options.get(a["method"])
+            label = a["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
-                 "n_fit": cfg.get("n_fit"), "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
+                 "n_fit": cfg.get("n_fit"), "label": label, "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
                  "toxic_share": a.get("toxic_share_bal_mean", a.get("toxic_share_mean")), "clean": a.get("clean_ppl_mean"), "dir": str(d)}
             (base.setdefault(r["model"], r) if r["method"] == "none" else rows.append(r))
     if not rows and not base:
@@ -62,7 +66,7 @@ def best_within(points: Sequence[dict[str, Any]], budget: float, by: str = "cond
     for p in points:
         if p["method"] == "none" or p["x_rise"] > budget:
             continue
-        k = (p["model"], p[by])
+        k = (p["model"], p["label"] if by == "method" else p[by])
         if k not in best or p["y"] < best[k]["y"]:
             best[k] = p
     return best
@@ -81,7 +85,7 @@ def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None
     what = ("conditioning", "layers") if by == "condition" else ("method", "fitting sentences per set")
     lines = [f"| model | {what[0]} | {what[1]} | λ | factual PPL | Δ factual | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
              "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
-    cols = (lambda p: (p["condition"], p["layers"])) if by == "condition" else (lambda p: (p["method"], p["n_fit"] or "?"))
+    cols = (lambda p: (p["condition"], p["layers"])) if by == "condition" else (lambda p: (p["label"], p["n_fit"] or "?"))
     key = lambda p: (p["model"] or "", p["method"] != "none", *[str(c) for c in cols(p)], p["strength"])  # noqa: E731
     for p in sorted(points, key=key):
         if p["method"] == "none":
@@ -114,9 +118,9 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
         colours = {"both": "tab:red", "source": "tab:blue"}
         labels = ("conditioning", "layers")
     else:
-        colour_of, marker_of = (lambda p: p["method"]), (lambda p: p["n_fit"])
+        colour_of, marker_of = (lambda p: p["label"]), (lambda p: p["n_fit"])
         steered = [p for p in points if p["method"] != "none"]
-        colours = dict(zip(sorted({p["method"] for p in steered}), ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+        colours = dict(zip(sorted({p["label"] for p in steered}), ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
         markers = dict(zip(sorted({p["n_fit"] for p in steered}, key=lambda n: (n is None, n or 0)), "os^vDP"))
         labels = ("method", "fitting sentences per set:")
     try:
