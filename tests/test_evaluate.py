@@ -532,14 +532,15 @@ def test_toxicity_frontier_by_method_and_fitting_set_size(tmp_path, capsys):
     for n in (32, 256):
         cells = [{"method": m, "strength": 1.0, "seed": 0} for m in (("linear", "lineas") if n == 32 else ("linear",))]
         cells += [{"method": "none", "strength": 0.0, "seed": 0}] if n == 32 else []
-        run_sweep(tmp_path / f"fit{n}", cells, metric, {"task": "toxicity", "model": "m", "n_fit": n, "method_options": {"lineas": {"iters": 5}} if n == 32 else {}},
+        run_sweep(tmp_path / f"fit{n}", cells, metric, {"task": "toxicity", "model": "m", "n_fit": n, "method_options": {"lineas": {"iters": 5}} if n == 32 else {},
+                                                      "support": "all" if n == 256 else None},
                   plots=False, progress=False, quiet=True)
     pts = frontier_points([tmp_path / "fit32", tmp_path / "fit256"])
     assert sorted((p["method"], p["n_fit"]) for p in pts if p["method"] != "none") == [("linear", 32), ("linear", 256), ("lineas", 32)]
     best = best_within(pts, 0.15, by="method")
-    assert set(best) == {("m", "linear")}  # lineas costs +20% here: over the budget
+    assert set(best) == {("m", "linear"), ("m", "linear (support=all)")}  # lineas costs +20% here: over the budget
     table = frontier_table(pts, 0.15, by="method")
-    assert "| method | fitting sentences per set |" in table and "| m | lineas (iters=5) | 32 | 1 |" in table and "| m | linear | 256 | 1 |" in table
+    assert "| method | fitting sentences per set |" in table and "| m | lineas (iters=5) | 32 | 1 |" in table and "| m | linear (support=all) | 256 | 1 |" in table
     with pytest.raises(DataError, match="told apart"):
         frontier_table(pts, by="layers")
     assert cli.main(["report", str(tmp_path / "fit32"), str(tmp_path / "fit256"), "--frontier", str(tmp_path / "m.png"), "--by", "method"]) == 0

@@ -25,7 +25,8 @@ BY = ("condition", "method")
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
     """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, label`` (the
-    method with its sweep options, e.g. ``lineas (iters=60)``), ``strength, x_rise``
+    method with its sweep options and a support other than its own default, e.g. ``lineas
+    (iters=60, support=observed)``), ``strength, x_rise``
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
 
@@ -40,7 +41,7 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
             continue
         options = cfg.get("method_options") or {}
         for a in res["aggregates"]:
-            opts = options.get(a["method"])
+            opts = {**options.get(a["method"], {}), **({"support": cfg["support"]} if cfg.get("support") else {})}
             label = a["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
                  "n_fit": cfg.get("n_fit"), "label": label, "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
