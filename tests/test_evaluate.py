@@ -540,7 +540,7 @@ def test_toxicity_frontier_by_method_and_fitting_set_size(tmp_path, capsys):
     best = best_within(pts, 0.15, by="method")
     assert set(best) == {("m", "linear"), ("m", "linear (support=all)")}  # lineas costs +20% here: over the budget
     table = frontier_table(pts, 0.15, by="method")
-    assert "| method | fitting sentences per set |" in table and "| m | lineas (iters=5) | 32 | 1 |" in table and "| m | linear (support=all) | 256 | 1 |" in table
+    assert "| method | fitting sentences per set |" in table and "| m | lineas (iters=5) | 32 | 1 |" in table and "| m | linear (support=all)* | 256 | 1 |" in table
     with pytest.raises(DataError, match="told apart"):
         frontier_table(pts, by="layers")
     assert cli.main(["report", str(tmp_path / "fit32"), str(tmp_path / "fit256"), "--frontier", str(tmp_path / "m.png"), "--by", "method"]) == 0
