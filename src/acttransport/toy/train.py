@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._io import atomic_dir
 from .judge import ToyJudge, train_judge
 from .pipeline import (ToyTextToImagePipeline, build_tokenizer, load_toy_pipeline, sampling_scheduler,
                        text_encoder_config, training_scheduler, unet_config)
@@ -114,16 +112,6 @@ def _check_out_dir(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a toy weights folder; choose another --out")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def train_toy(out_dir: str | Path, seed: int = 0, steps: int = 2400, judge_steps: int = 1500,
               batch_size: int = 64, lr: float = 2e-3, n_train: int = 24000, judge_images: int = 30000,
               eval_per_caption: int = 2, eval_inference_steps: int = 20, eval_guidance_scale: float = 3.0,
@@ -150,64 +138,56 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int = 2400, judge_steps
     """
     out = Path(out_dir).resolve()
     _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     start = time.time()
     try:
-        build_tokenizer().save_pretrained(str(tmp / "tokenizer"))  # saved once, then read from disk
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, PreTrainedTokenizerFast
+        with atomic_dir(out) as tmp:  # filled beside out, moved into place only when complete
+            build_tokenizer().save_pretrained(str(tmp / "tokenizer"))  # saved once, then read from disk
+            from diffusers import UNet2DConditionModel
+            from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp / "tokenizer"), local_files_only=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
-            unet = UNet2DConditionModel(**unet_config())
-        pipe = ToyTextToImagePipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                                      scheduler=sampling_scheduler())
-        pipe.set_progress_bar_config(disable=True)
-        t0 = time.time()
-        diffusion = _train_diffusion(pipe, steps, seed, batch_size, lr, n_train, progress)
-        diffusion["wall_time_s"] = round(time.time() - t0, 1)
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-
-        t0 = time.time()
-        judge, judge_report = train_judge(judge_steps, seed, n_images=judge_images, progress=progress)
-        judge_report["wall_time_s"] = round(time.time() - t0, 1)
-        judge.save(tmp / "judge")
-
-        report: dict[str, Any] = {
-            "seed": seed, "steps": steps, "judge_steps": judge_steps, "batch_size": batch_size, "lr": lr,
-            "n_train": n_train, "judge_images": judge_images, "threads": torch.get_num_threads(),
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
-            "judge_parameters": sum(p.numel() for p in judge.parameters()),
-            "diffusion": diffusion, "judge": judge_report, "recreate": RECREATE_COMMAND,
-            "versions": _versions(),
-        }
-        if eval_per_caption > 0:  # evaluate what was written, read back from disk
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp / "tokenizer"), local_files_only=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+                unet = UNet2DConditionModel(**unet_config())
+            pipe = ToyTextToImagePipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                          scheduler=sampling_scheduler())
+            pipe.set_progress_bar_config(disable=True)
             t0 = time.time()
-            loaded = load_toy_pipeline(path=tmp)
-            gen_report, images = evaluate_pipeline(loaded, ToyJudge.from_dir(tmp / "judge"), eval_per_caption,
-                                                   eval_inference_steps, eval_guidance_scale, seed)
-            gen_report["wall_time_s"] = round(time.time() - t0, 1)
-            report["generated"] = gen_report
-            save_grid(images, tmp / "samples.png", per_caption=eval_per_caption)
-            save_grid(reference_images(eval_per_caption, seed), tmp / "reference.png",
-                      per_caption=eval_per_caption)
-        report["wall_time_s"] = round(time.time() - start, 1)
-        (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _check_out_dir(out)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            diffusion = _train_diffusion(pipe, steps, seed, batch_size, lr, n_train, progress)
+            diffusion["wall_time_s"] = round(time.time() - t0, 1)
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+
+            t0 = time.time()
+            judge, judge_report = train_judge(judge_steps, seed, n_images=judge_images, progress=progress)
+            judge_report["wall_time_s"] = round(time.time() - t0, 1)
+            judge.save(tmp / "judge")
+
+            report: dict[str, Any] = {
+                "seed": seed, "steps": steps, "judge_steps": judge_steps, "batch_size": batch_size, "lr": lr,
+                "n_train": n_train, "judge_images": judge_images, "threads": torch.get_num_threads(),
+                "unet_parameters": sum(p.numel() for p in unet.parameters()),
+                "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+                "judge_parameters": sum(p.numel() for p in judge.parameters()),
+                "diffusion": diffusion, "judge": judge_report, "recreate": RECREATE_COMMAND,
+                "versions": _versions(),
+            }
+            if eval_per_caption > 0:  # evaluate what was written, read back from disk
+                t0 = time.time()
+                loaded = load_toy_pipeline(path=tmp)
+                gen_report, images = evaluate_pipeline(loaded, ToyJudge.from_dir(tmp / "judge"), eval_per_caption,
+                                                       eval_inference_steps, eval_guidance_scale, seed)
+                gen_report["wall_time_s"] = round(time.time() - t0, 1)
+                report["generated"] = gen_report
+                save_grid(images, tmp / "samples.png", per_caption=eval_per_caption)
+                save_grid(reference_images(eval_per_caption, seed), tmp / "reference.png",
+                          per_caption=eval_per_caption)
+            report["wall_time_s"] = round(time.time() - start, 1)
+            (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            _check_out_dir(out)
     finally:
         torch.set_num_threads(old_threads)
     return report
