@@ -30,9 +30,9 @@ def sorted_rows(x: Tensor) -> np.ndarray:
     """``x`` (``[n, c]``, on the CPU) as a ``[c, n]`` array (float64 if ``x`` is, else float32)
     with each row (one unit's samples) sorted ascending.
 
-    The transposing copy goes by blocks of rows (about 4× faster than one strided copy here) and
+    The transposing copy goes by blocks of rows (several times faster than one strided copy) and
     numpy's sort is vectorised (AVX-512 / AVX2) where torch's CPU sort is not; float32 sorts
-    about 3× faster than float64 and its order is the same after conversion to float64
+    faster than float64 and its order is the same after conversion to float64
     (docs/PERFORMANCE.md, *The fit step*)."""
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
