@@ -72,7 +72,8 @@ def fitter(model: nn.Module, tokenizer: Any, source: Sequence[str], target: Sequ
     per_method = dict(method_options or {})
 
     def run(method: str) -> TransportMap:
-        options = fit.replace(method=method, seed=seed, method_options=dict(per_method.get(method, {})))
+        given = {"method_options": dict(per_method[method])} if method in per_method else {}  # else fit's own, as before
+        options = fit.replace(method=method, seed=seed, **given)
         return estimate(model, tokenizer, source, target, data=data, progress=progress, options=options)
 
     return run
