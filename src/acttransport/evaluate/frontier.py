@@ -25,7 +25,7 @@ BY = ("condition", "method")
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
     """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, label`` (the
-    method with its sweep options and a support other than its own default, e.g. ``lineas
+    method with its sweep options and the support the sweep set, if any, e.g. ``lineas
     (iters=60, support=observed)``), ``strength, x_rise``
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
