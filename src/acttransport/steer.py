@@ -20,7 +20,7 @@ from .transport.maps import ModuleMap
 from .errors import ConfigError, MapFormatError
 from .options import HALVES
 from .runners.diffusion import read_timestep
-from .targets.layouts import apply_map
+from .targets.layouts import apply_map, map_kernel
 from .targets.names import (
     add_hooks, declared_width, denoiser_name, get_module, module_tree, pick_output, remove_hooks, replace_output, split_spec,
 )
@@ -103,21 +103,16 @@ def _plain_hook(spec: str, m: ModuleMap, lam: float, spatial: str) -> Callable:
     its tensors already on the device, :meth:`ModuleMap.kernel`)."""
     if lam == 0.0:
         return lambda module, args, output: None  # λ = 0: outputs untouched, bit for bit
-    _, idx = split_spec(spec)
+    name, idx = split_spec(spec)
     routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
-
-    def route(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        pick_output(x, split_spec(spec)[0])  # a floating-point tensor, or a clear error
-        if x.ndim in (2, 3) and x.shape[-1] == m.width and x.dtype in (torch.float32, torch.float64):
-            return m.kernel(lam, x.device, x.dtype)
-        return lambda y: apply_map(y, m, lam, spatial)  # other layouts and dtypes; its checks raise on a width mismatch
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         x = output if idx is None and type(output) is torch.Tensor else pick_output(output, spec)
         key = (x.device, x.dtype, x.ndim, x.shape[-1])
         k = routes.get(key)
         if k is None:
-            k = routes[key] = route(x)
+            pick_output(x, name)  # a floating-point tensor, or a clear error
+            k = routes[key] = map_kernel(x, m, lam, spatial)
         new = k(x)
         return new if idx is None else replace_output(output, spec, new)
 

@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from ..errors import MapFormatError, ModuleMatchError
 from ..transport.maps import ModuleMap, apply_units, spatial_mean_shift
 
-__all__ = ["POOLINGS", "SPATIAL", "apply_map", "pool", "unit_axis"]
+__all__ = ["POOLINGS", "SPATIAL", "apply_map", "map_kernel", "pool", "unit_axis"]
 
 #: How a module output is pooled into one value per unit and input.
 POOLINGS = ("mean", "last", "max")
@@ -62,6 +64,27 @@ def pool(x: Tensor, mask: Tensor | None, how: str) -> Tensor:
     return x[torch.arange(x.shape[0]), last]
 
 
+def _check_width(x: Tensor, m: ModuleMap) -> int:
+    """The unit axis of ``x``; raises MapFormatError when it is not the map's width."""
+    axis = unit_axis(x)
+    if x.shape[axis] != m.width:
+        raise MapFormatError(f"map has width {m.width} but the module output has {x.shape[axis]} units on axis {axis}; the map belongs to another model")
+    return axis
+
+
+def map_kernel(x: Tensor, m: ModuleMap, strength: float, spatial: str = "mean") -> "Callable[[Tensor], Tensor]":
+    """:func:`apply_map` for outputs laid out and typed like ``x``, the checks done once: for
+    units on the last axis in float32/float64 the map's own kernel (:meth:`ModuleMap.kernel`,
+    the same bits as ``apply_map``), else ``apply_map`` itself.
+
+    Raises:
+        MapFormatError: the map's width differs from ``x``'s number of units.
+    """
+    if _check_width(x, m) == -1 and x.dtype in (torch.float32, torch.float64):
+        return m.kernel(strength, x.device, x.dtype)
+    return lambda y: apply_map(y, m, strength, spatial)
+
+
 def apply_map(x: Tensor, m: ModuleMap, strength: float, spatial: str = "mean") -> Tensor:
     """T_λ(x) = x + λ·(T(x) − x) inside the support, x outside, on the units of ``x``'s layout.
 
@@ -76,9 +99,7 @@ def apply_map(x: Tensor, m: ModuleMap, strength: float, spatial: str = "mean") -
     Raises:
         MapFormatError: the map's width differs from the output's number of units.
     """
-    axis = unit_axis(x)
-    if x.shape[axis] != m.width:
-        raise MapFormatError(f"map has width {m.width} but the module output has {x.shape[axis]} units on axis {axis}; the map belongs to another model")
+    axis = _check_width(x, m)
     if x.ndim == 4 and spatial == "mean":
         return spatial_mean_shift(x, m, strength)
     if axis == x.ndim - 1:  # tokens [B, T, d] or pooled [B, d]: units already last
