@@ -55,7 +55,23 @@ def _hf_logits(model, ids: list[list[int]]) -> np.ndarray:
 
 
 def _cpp(path: Path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    """A llama.cpp model on its plain CPU weight buffers (use_extra_bufts off, which `Llama()` does not
+    expose). With extra buffers on, a llama.cpp built on an AMX CPU (Sapphire Rapids: this project's
+    CI) moves the Q4_1 weights into its AMX buffer, and its AMX matmul segfaulted in CI's first decode
+    (the upstream report: ggml-org/llama.cpp#20824). The comparison needs llama.cpp's arithmetic, not
+    its repacked kernels."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    assert not llm.model_params.use_extra_bufts
+    return llm
 
 
 def _cpp_logits(llm, ids: list[list[int]]) -> np.ndarray:
