@@ -543,6 +543,11 @@ def test_toxicity_frontier_by_method_and_fitting_set_size(tmp_path, capsys):
     assert "| method | fitting sentences per set |" in table and "| m | lineas (iters=5) | 32 | 1 |" in table and "| m | linear (support=all)* | 256 | 1 |" in table
     with pytest.raises(DataError, match="told apart"):
         frontier_table(pts, by="layers")
+    run_sweep(tmp_path / "attn", [{"method": "mean", "strength": 1.0, "seed": 0}], metric,
+              {"task": "toxicity", "model": "m", "n_fit": 256, "modules": ["@attn-out"], "condition": "source", "layers": "every-2nd"},
+              plots=False, progress=False, quiet=True)
+    labels = {p["label"] for p in frontier_points([tmp_path / "fit32", tmp_path / "attn"])}
+    assert "mean (condition=source, layers=every-2nd, modules=@attn-out)" in labels  # what the sweep set tells its points apart
     assert cli.main(["report", str(tmp_path / "fit32"), str(tmp_path / "fit256"), "--frontier", str(tmp_path / "m.png"), "--by", "method"]) == 0
     assert (tmp_path / "m.png").stat().st_size > 1000
     assert cli.main(["report", str(tmp_path / "fit32"), "--by", "method"]) == 2  # --by needs --frontier

@@ -25,8 +25,8 @@ BY = ("condition", "method")
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
     """One dict per steered aggregate row: ``model, condition, layers, n_fit, method, label`` (the
-    method with its sweep options and the support the sweep set, if any, e.g. ``lineas
-    (iters=60, support=observed)``), ``strength, x_rise``
+    method with its sweep options and the modules, layers, conditioning and support the sweep set,
+    if any, e.g. ``lineas (iters=60, support=observed)``), ``strength, x_rise``
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
 
@@ -41,7 +41,7 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
             continue
         options = cfg.get("method_options") or {}
         for a in res["aggregates"]:
-            opts = {**options.get(a["method"], {}), **({"support": cfg["support"]} if cfg.get("support") else {})}
+            opts = {**options.get(a["method"], {}), **_set_by_sweep(cfg)}
             label = a["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
                  "n_fit": cfg.get("n_fit"), "label": label, "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
@@ -59,6 +59,14 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
         r["clean_rise"] = r["clean"] / ref["clean"] - 1 if r["clean"] and ref["clean"] else None
         out.append(r)
     return out
+
+
+def _set_by_sweep(cfg: dict[str, Any]) -> dict[str, str]:
+    """What a sweep set away from the defaults and its points' labels name: modules, layers, conditioning, support."""
+    out = {"modules": ",".join(cfg["modules"])} if cfg.get("modules") else {}
+    out |= {"layers": cfg["layers"]} if cfg.get("layers") else {}
+    out |= {"condition": cfg["condition"]} if cfg.get("condition", "both") != "both" else {}
+    return out | ({"support": cfg["support"]} if cfg.get("support") else {})
 
 
 def best_within(points: Sequence[dict[str, Any]], budget: float, by: str = "condition") -> dict[tuple[str, str], dict[str, Any]]:
@@ -121,7 +129,7 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
     else:
         colour_of, marker_of = (lambda p: p["label"]), (lambda p: p["n_fit"])
         steered = [p for p in points if p["method"] != "none"]
-        colours = dict(zip(sorted({p["label"] for p in steered}), ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+        colours = dict(zip(sorted({p["label"] for p in steered}), [f"C{i % 10}" for i in range(len(steered))]))
         markers = dict(zip(sorted({p["n_fit"] for p in steered}, key=lambda n: (n is None, n or 0)), "os^vDP"))
         labels = ("method", "fitting sentences per set:")
     try:
