@@ -39,9 +39,9 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
         cfg = res.get("config", {})
         if cfg.get("task") != "toxicity":
             continue
-        options = cfg.get("method_options") or {}
+        options, swept = cfg.get("method_options") or {}, _set_by_sweep(cfg)
         for a in res["aggregates"]:
-            opts = {**options.get(a["method"], {}), **_set_by_sweep(cfg)}
+            opts = {**options.get(a["method"], {}), **swept}
             label = a["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
                  "n_fit": cfg.get("n_fit"), "label": label, "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
@@ -129,7 +129,7 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
     else:
         colour_of, marker_of = (lambda p: p["label"]), (lambda p: p["n_fit"])
         steered = [p for p in points if p["method"] != "none"]
-        colours = dict(zip(sorted({p["label"] for p in steered}), [f"C{i % 10}" for i in range(len(steered))]))
+        colours = {label: f"C{i % 10}" for i, label in enumerate(sorted({p["label"] for p in steered}))}
         markers = dict(zip(sorted({p["n_fit"] for p in steered}, key=lambda n: (n is None, n or 0)), "os^vDP"))
         labels = ("method", "fitting sentences per set:")
     try:
