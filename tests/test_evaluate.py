@@ -434,6 +434,9 @@ def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
         plots.plot_tradeoff(results, tmp_path / "u.png", x="nope")
     with pytest.raises(ConfigError, match="holds no sweep"):
         res_mod.load_results(tmp_path / "missing")
+    (tmp_path / "sweep.log").write_text("not a sweep directory\n")
+    with pytest.raises(ConfigError, match="holds no sweep"):
+        res_mod.load_results(tmp_path / "sweep.log")
     truth = tables.report(res_mod.build_results({"task": "truthfulness"}, [{"method": "none", "strength": 0.0, "seed": 0, "mc1": 0.5, "mc2": 0.25, "mc1_norm": 1.0, "mc2_norm": 0.75}]))
     assert "| none | 0 | 50.0 | 25.0 | 100.0 | 75.0 |" in truth
 

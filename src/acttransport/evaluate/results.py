@@ -108,7 +108,7 @@ def read_partial(out_dir: str | os.PathLike) -> dict[str, Any]:
     out = Path(out_dir)
     try:
         saved = json.loads((out / CONFIG_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # NotADirectory: a file was named
         raise ConfigError(f"{out} holds no sweep (no readable {CONFIG_FILE}); run `acttransport sweep ...` with --out {out}") from None
     done = read_cells(out / CELLS_FILE, saved["config_hash"])
     return build_results(saved["config"], [row_of(rec) for rec in done.values()])
@@ -133,7 +133,7 @@ def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     path, cells = Path(run_dir) / "results.json", Path(run_dir) / CELLS_FILE
     try:
         results = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # a file instead of a directory: no sweep either
         return read_partial(run_dir)
     if cells.is_file() and cells.stat().st_mtime > path.stat().st_mtime:
         return read_partial(run_dir)  # a later sweep is still running (or was interrupted) here
