@@ -26,7 +26,7 @@ LLAMA_DIR   := .cache/llama-cpp
 WHEELS      ?= $(HOME)/.cache/acttransport/wheels
 LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: install assets-extra llama-cpp demo demo-diffusion test test-fast bench clean
+.PHONY: install assets-extra llama-cpp ui-env demo demo-diffusion test test-fast bench clean
 
 install: $(STAMP)
 
@@ -50,6 +50,18 @@ $(LLAMA_STAMP): $(STAMP)
 		$(foreach f,convert_hf_to_gguf.py conversion gguf-py,llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp/$(f))
 	touch $@
 
+# The playground's tests (`make test` needs them, `make demo` does not): Gradio and Playwright's
+# Python API from PyPI (14 s here), and Debian's chromium for the browser test (41 s with apt-get
+# update; Playwright's own browser download is not reachable, so the test points Playwright at it).
+UI_STAMP := $(VENV)/.ui
+
+ui-env: $(UI_STAMP)
+
+$(UI_STAMP): $(STAMP)
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install -q -e ".[dev,diffusion,ui-test]"
+	touch $@
+
 assets-extra: $(STAMP)
 	$(PIP) install -q --no-deps $(EXTRA)
 
@@ -59,10 +71,10 @@ demo: $(STAMP)
 demo-diffusion: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo-diffusion
 
-test: $(STAMP) $(LLAMA_STAMP)
+test: $(STAMP) $(LLAMA_STAMP) $(UI_STAMP)
 	HF_HUB_OFFLINE=1 ACTTRANSPORT_NEED_LLAMA_CPP=1 $(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(UI_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

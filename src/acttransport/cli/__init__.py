@@ -1,4 +1,4 @@
-"""Command line: ``acttransport {modules,fit,generate,bake,images,train-toy,demo,eval,sweep,report} --help``.
+"""Command line: ``acttransport {modules,fit,generate,bake,images,train-toy,demo,eval,sweep,report,playground} --help``.
 
 One file per command group: :mod:`.core` (the core loop on a model), :mod:`.diffusion`
 (text-to-image pipelines: fitting flags, ``images``, ``train-toy``), :mod:`.deploy` (``bake``), :mod:`.tasks`
@@ -18,6 +18,7 @@ from .core import add_core_commands, joined_group
 from .deploy import add_deploy_commands
 from .diffusion import add_diffusion_commands
 from .tasks import add_commands
+from ..ui.command import add_playground_command
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(sub)  # bake
     add_diffusion_commands(sub)  # images, train-toy
     add_commands(sub)  # demo, eval, sweep, report
+    from ..serve.server import add_serve_command
+
+    add_serve_command(sub)  # serve (vLLM; imported only here)
+    add_playground_command(sub)  # playground (the page; Gradio imported when it runs)
     return p
 
 
