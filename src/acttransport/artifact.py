@@ -5,7 +5,9 @@ On disk a map is two files in one directory (never pickle): ``transport_config.j
 ``{module}.upper`` and, for piecewise-linear (``quantile``) maps, ``{module}.knots_x`` /
 ``{module}.knots_y`` ``[K, d]``; a map with one map per denoising step has a leading step axis
 on every tensor (``[S, d]``, ``[S, K, d]``). Format ``acttransport/2`` added the step axis and
-the diffusion fields of the config; maps of format ``acttransport/1`` still load. This module
+the diffusion fields of the config; format ``acttransport/3`` (written only for a map with a
+gate) adds the gate: tensors ``__gate__.{name}`` and a ``gate`` entry in the config (kind,
+module, mode, threshold, rate, held-out report). Maps of formats 1 and 2 still load. This module
 knows nothing of models: checking that a map fits one is :func:`acttransport.steer.check_fits`
 (``acttransport.load(dir, model=...)``).
 """
@@ -24,13 +26,18 @@ import torch
 from ._io import atomic_dir
 from ._version import __version__
 from .errors import ConfigError, MapFormatError
+from .transport.gate import GATE_KINDS, Gate
 from .transport.maps import ModuleMap
 
-__all__ = ["CONFIG_FILE", "FORMAT", "FORMATS", "TENSOR_FILE", "TransportConfig", "TransportMap", "compose", "read_map"]
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMATS", "GATED_FORMAT", "TENSOR_FILE", "TransportConfig", "TransportMap", "compose", "read_map"]
 
 FORMAT = "acttransport/2"
+#: The format of a map with a gate (an ungated map keeps :data:`FORMAT`, so older versions read it).
+GATED_FORMAT = "acttransport/3"
 #: Formats :func:`read_map` reads.
-FORMATS = ("acttransport/1", "acttransport/2")
+FORMATS = ("acttransport/1", "acttransport/2", "acttransport/3")
+#: Prefix of the gate's tensors in the safetensors file.
+GATE_PREFIX = "__gate__."
 CONFIG_FILE = "transport_config.json"
 TENSOR_FILE = "transport.safetensors"
 
@@ -102,10 +109,13 @@ class TransportMap:
         maps: module spec (``"name"`` or ``"name:k"`` for element k of a tuple output) →
             :class:`~acttransport.transport.ModuleMap`, in execution order.
         config: :class:`TransportConfig`.
+        gate: a :class:`~acttransport.transport.gate.Gate` that scales λ per input by how
+            source-like it is (None: the map acts on every input).
     """
 
     maps: dict[str, ModuleMap]
     config: TransportConfig = field(default_factory=TransportConfig)
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         if not self.maps:
@@ -113,6 +123,20 @@ class TransportMap:
         for name, m in self.maps.items():
             if not isinstance(m, ModuleMap):
                 raise MapFormatError(f"maps[{name!r}] must be a ModuleMap, got {type(m).__name__}")
+        if self.gate is not None and not isinstance(self.gate, Gate):
+            raise MapFormatError(f"gate must be a Gate or None, got {type(self.gate).__name__}")
+
+    def with_config(self, **changes: Any) -> "TransportMap":
+        """The same maps and gate with some config fields changed."""
+        return TransportMap(self.maps, self.config.replace(**changes), self.gate)
+
+    def with_gate(self, gate: Gate | None) -> "TransportMap":
+        """The same maps with ``gate`` (None: ungated — what ``bake`` and ``export`` fold)."""
+        return TransportMap(self.maps, self.config, gate)
+
+    def without_gate(self) -> "TransportMap":
+        """The same maps acting on every input."""
+        return self.with_gate(None)
 
     @property
     def modules(self) -> list[str]:
@@ -127,14 +151,14 @@ class TransportMap:
         lam = float(strength)
         new = {name: m.interpolate(lam) for name, m in self.maps.items()}
         notes = self.config.notes + (f"interpolated at strength {lam}",)
-        return TransportMap(new, self.config.replace(strength=1.0, notes=notes, diagnostics={}))
+        return TransportMap(new, self.config.replace(strength=1.0, notes=notes, diagnostics={}), self.gate)
 
     def subset(self, modules: list[str]) -> "TransportMap":
         """A map restricted to ``modules`` (kept in this map's order)."""
         missing = [m for m in modules if m not in self.maps]
         if missing:
             raise ConfigError(f"modules {missing} are not in this map; it has {self.modules}")
-        return TransportMap({k: v for k, v in self.maps.items() if k in modules}, self.config.replace(diagnostics={}))
+        return TransportMap({k: v for k, v in self.maps.items() if k in modules}, self.config.replace(diagnostics={}), self.gate)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes the two files atomically (a temp dir is renamed into place)."""
@@ -143,7 +167,9 @@ class TransportMap:
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             tensors = {f"{n}.{k}": t.detach().to(torch.float32).contiguous().cpu() for n, m in self.maps.items() for k, t in m.tensors().items()}
-            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+            if self.gate is not None:
+                tensors.update({GATE_PREFIX + k: t for k, t in self.gate.tensors.items()})
+            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": self._format})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return directory
 
@@ -157,11 +183,21 @@ class TransportMap:
             base, _, idx = name.partition(":")
             modules.append({"name": name, "module": base, "output_index": int(idx) if idx else None, "width": m.width, "kind": m.kind,
                             "steps": m.steps})
-        return {"format": FORMAT, **cfg, "modules": modules}
+        out = {"format": self._format, **cfg, "modules": modules}
+        if self.gate is not None:
+            g = self.gate
+            out["gate"] = {"kind": g.kind, "module": g.module, "mode": g.mode, "threshold": g.threshold, "rate": g.rate, "width": g.width,
+                           "report": dict(g.report)}
+        return out
+
+    @property
+    def _format(self) -> str:
+        return GATED_FORMAT if self.gate is not None else FORMAT
 
     def __repr__(self) -> str:
         c = self.config
-        return f"TransportMap(method={c.method!r}, support={c.support!r}, modules={len(self.maps)}, model={c.model!r})"
+        gate = f", gate={self.gate.kind!r}" if self.gate is not None else ""
+        return f"TransportMap(method={c.method!r}, support={c.support!r}, modules={len(self.maps)}, model={c.model!r}{gate})"
 
 
 def read_map(directory: str | os.PathLike) -> TransportMap:
@@ -204,11 +240,30 @@ def read_map(directory: str | os.PathLike) -> TransportMap:
                 raise MapFormatError(f"module {name}: config says width {entry['width']}, tensors have {maps[name].width}")
             if maps[name].steps != entry.get("steps"):
                 raise MapFormatError(f"module {name}: config says {entry.get('steps')} steps, tensors have {maps[name].steps}")
+        gate = _read_gate(raw.get("gate"), tensors, cfg_path)
     except KeyError as e:
         raise MapFormatError(f"{directory}: missing entry {e} — the two files do not belong together; fit the map again") from None
-    except TypeError as e:
+    except (TypeError, AttributeError) as e:
         raise MapFormatError(f"{cfg_path}: malformed config ({e})") from None
-    return TransportMap(maps, cfg)
+    return TransportMap(maps, cfg, gate)
+
+
+def _read_gate(entry: Any, tensors: dict[str, torch.Tensor], cfg_path: Path) -> Gate | None:
+    """The gate of a config's ``gate`` entry and its tensors (None when the map has none).
+
+    Raises:
+        MapFormatError: the entry is malformed or names an unknown kind.
+        KeyError: a tensor is missing (the caller reports it).
+    """
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("kind") not in GATE_KINDS:
+        raise MapFormatError(f"{cfg_path}: malformed gate entry {entry!r} (expected a kind among {', '.join(GATE_KINDS)})")
+    gate = Gate(entry["kind"], entry["module"], {k: tensors[GATE_PREFIX + k] for k in GATE_KINDS[entry["kind"]]}, entry["threshold"],
+                entry.get("rate", 0.05), entry.get("mode", "sequence"), dict(entry.get("report") or {}))
+    if gate.width != entry.get("width", gate.width):
+        raise MapFormatError(f"gate: config says width {entry['width']}, tensors have {gate.width}")
+    return gate
 
 
 def compose(second: TransportMap, first: TransportMap) -> TransportMap:
@@ -219,8 +274,11 @@ def compose(second: TransportMap, first: TransportMap) -> TransportMap:
     longer one affine map with identity outside an interval.
 
     Raises:
-        ConfigError: modules or widths differ, a map is piecewise linear, or a support is bounded.
+        ConfigError: modules or widths differ, a map is piecewise linear, a support is bounded, or a map has a gate.
     """
+    if first.gate is not None or second.gate is not None:
+        raise ConfigError("compose acts on ungated maps: a gate decides per input whether a map applies at all; "
+                          "compose m.without_gate() and fit a gate for the result")
     if first.modules != second.modules:
         raise ConfigError(f"compose needs the same modules in the same order: {first.modules} vs {second.modules}")
     new = {}
