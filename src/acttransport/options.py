@@ -20,6 +20,7 @@ from .errors import ConfigError, DataError
 from .methods import METHODS, MethodInfo, method_info
 from .targets.layers import LAYER_RULES, check_layers
 from .targets.layouts import POOLINGS, SPATIAL
+from .transport.gate import GATE_KINDS, GATE_MODES, check_rate
 from .transport.support import parse_support
 
 __all__ = ["CONDITIONS", "HALVES", "STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
@@ -73,6 +74,16 @@ class FitOptions:
             with the residual stream cached (on disk when it exceeds the budget) instead of
             keeping every batch's forward pass alive; same maps, about 1.5–2 passes instead of
             one (see ``engine.layerwise``). None: the one-pass estimation.
+        gate: fit a gate with the map (see :mod:`acttransport.transport.gate`): ``probe``
+            (logistic regression), ``ratio`` (per-unit Gaussian log-likelihood ratio) or
+            ``cosine`` (CAST-style cosine to the difference of means), on the mean-pooled,
+            unsteered output of ``gate_module`` for the same source and target inputs; a
+            quarter of each set is held out to calibrate its threshold. None: no gate. Causal LMs.
+        gate_rate: the share of held-out target inputs the calibrated gate may open on.
+        gate_module: the module spec the gate reads; it must run no later than the first mapped
+            module. None: the first mapped module in execution order.
+        gate_mode: where a causal LM's gate reads by default: ``sequence`` (the prompt, decided
+            at prefill) or ``token`` (the running mean of the tokens so far).
     """
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
@@ -100,6 +111,13 @@ class FitOptions:
                                "(cond) or on both halves (both)", choices="halves")
     memory_budget: str | None = _opt(None, "causal LMs: fit one decoder layer at a time, the residual stream cached (on disk above "
                                            "this size, e.g. 2GB), instead of keeping every batch in flight; same maps, ~1.5-2 passes")
+
+    gate: str | None = _opt(None, "also fit a gate that applies the map only to source-like inputs: probe (logistic regression), "
+                                  "ratio (per-unit Gaussian likelihood ratio) or cosine (CAST-style); default: no gate", choices="gates")
+    gate_rate: float = _opt(0.05, "share of held-out target inputs the gate's calibrated threshold lets through")
+    gate_module: str | None = _opt(None, "module the gate reads (it must run before the mapped modules); default: the first mapped module")
+    gate_mode: str = _opt("sequence", "causal LMs: the gate reads the prompt once (sequence) or the running mean of the tokens so far "
+                                      "(token)", choices="gate_modes")
 
     def __post_init__(self) -> None:
         mods = self.modules
@@ -139,6 +157,13 @@ class FitOptions:
             parse_bytes(self.memory_budget)
         if self.spatial not in SPATIAL:
             raise ConfigError(f"unknown spatial rule {self.spatial!r}; choose one of: {', '.join(SPATIAL)}")
+        if self.gate is not None and self.gate not in GATE_KINDS:
+            raise ConfigError(f"unknown gate kind {self.gate!r}; choose one of: {', '.join(GATE_KINDS)} (or None for no gate)")
+        check_rate(self.gate_rate)
+        if self.gate_mode not in GATE_MODES:
+            raise ConfigError(f"unknown gate mode {self.gate_mode!r}; choose one of: {', '.join(GATE_MODES)}")
+        if self.gate_module is not None and (not isinstance(self.gate_module, str) or not self.gate_module):
+            raise ConfigError(f"gate_module must be a module spec (a string), got {self.gate_module!r}")
 
     def replace(self, **changes: Any) -> "FitOptions":
         """A validated copy with some fields changed."""
@@ -216,11 +241,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
             kw["nargs"] = meta["nargs"]
         if meta.get("choices") == "methods":
             kw["choices"] = list(METHODS)
-        elif meta.get("choices") in ("poolings", "steps", "spatial", "condition", "halves"):
+        elif meta.get("choices") in ("poolings", "steps", "spatial", "condition", "halves", "gates", "gate_modes"):
             kw["choices"] = list({"poolings": POOLINGS, "steps": STEPS, "spatial": SPATIAL, "condition": CONDITIONS,
-                                  "halves": HALVES}[meta["choices"]])
+                                  "halves": HALVES, "gates": GATE_KINDS, "gate_modes": GATE_MODES}[meta["choices"]])
         elif isinstance(f.default, int) and not isinstance(f.default, bool):
             kw["type"] = int
+        elif isinstance(f.default, float):
+            kw["type"] = float
         parser.add_argument(_flag(f), **kw)
 
 

@@ -4,6 +4,9 @@ A causal LM (any ``nn.Module``) gets one forward hook per mapped module. A diffu
 steered through its components (``unet.…``, ``transformer.…``); a map with one map per denoising
 step also gets a forward pre-hook on the denoiser that reads the call's timestep, so each step
 applies its own map.
+
+A map with a gate (``tmap.gate``) scales λ per row (or per token) by the gate's value, read
+from the gate's module in the same forward pass (:mod:`acttransport.gating`); causal LMs only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from torch import nn
 
 from .artifact import TransportMap, read_map
+from .gating import GateReader
+from .transport.gate import GATE_MODES
 from .transport.maps import ModuleMap
 from .errors import ConfigError, MapFormatError
 from .options import HALVES
@@ -25,14 +30,15 @@ from .targets.names import (
     add_hooks, declared_width, denoiser_name, get_module, module_tree, pick_output, remove_hooks, replace_output, split_spec,
 )
 
-__all__ = ["check_fits", "check_strength", "is_steered", "load", "steer"]
+__all__ = ["check_fits", "check_strength", "gate_history", "is_steered", "load", "steer"]
 
 _ACTIVE = "_acttransport_hooks"
+_GATE = "_acttransport_gate"
 
 
 def check_fits(model: Any, tmap: TransportMap) -> None:
-    """Checks that every module of ``tmap`` exists in ``model`` (a module or a pipeline) and,
-    where the module's width can be read off its parameters, that widths match.
+    """Checks that every module of ``tmap`` (and its gate's) exists in ``model`` (a module or a
+    pipeline) and, where the module's width can be read off its parameters, that widths match.
 
     Raises:
         MapFormatError: with the first mismatch.
@@ -43,6 +49,11 @@ def check_fits(model: Any, tmap: TransportMap) -> None:
         width = declared_width(mod)
         if width is not None and split_spec(spec)[1] is None and width != m.width:
             raise MapFormatError(f"{spec}: map width {m.width} but the module has width {width}; the map was fitted on another model")
+    if tmap.gate is not None:
+        width = declared_width(get_module(model, tmap.gate.module))
+        if width is not None and split_spec(tmap.gate.module)[1] is None and width != tmap.gate.width:
+            raise MapFormatError(f"the gate reads {tmap.gate.width} units of {tmap.gate.module}, which has width {width}; "
+                                 "the map was fitted on another model")
 
 
 def load(directory: str | os.PathLike, model: Any = None) -> TransportMap:
@@ -65,6 +76,32 @@ def load(directory: str | os.PathLike, model: Any = None) -> TransportMap:
 def is_steered(model: Any) -> bool:
     """Whether ``model`` is inside a :func:`steer` block now."""
     return bool(getattr(model, _ACTIVE, None))
+
+
+def gate_history(model: Any) -> list[dict[str, torch.Tensor]]:
+    """What the gate read in the current :func:`steer` block, one entry per prefill (forward call
+    starting new sequences), in order: ``{"score": [B], "open": [B]}`` per row of the batch — the
+    prompt's score and the gate's value (1 open, 0 closed) — plus, in token mode,
+    ``"open_tokens"`` / ``"tokens"`` ``[B]``: how many later (generated) tokens opened it, of how many,
+    and ``"prompt_open"`` ``[B, T]``: its value at each position of the prefill.
+    Empty when the block is ungated (or runs at λ = 0, where the gate is not read).
+    """
+    reader = getattr(model, _GATE, None)
+    return list(reader.history) if reader is not None else []
+
+
+def _gate_mode(tmap: TransportMap, gate: bool | str) -> str | None:
+    """The mode the block gates in, or None for ungated steering."""
+    if gate is False or gate is None:
+        return None
+    if gate is True:
+        return tmap.gate.mode if tmap.gate is not None else None
+    if gate not in GATE_MODES:
+        raise ConfigError(f"gate must be True (the map's own gate), False (ungated) or a mode ({', '.join(GATE_MODES)}), got {gate!r}")
+    if tmap.gate is None:
+        raise ConfigError(f"gate={gate!r} asks for this map's gate, but it has none: fit one with estimate(..., gate='probe') "
+                          "(CLI: fit --gate probe)")
+    return gate
 
 
 def check_strength(strength: float, unbounded: bool) -> float:
@@ -119,9 +156,32 @@ def _plain_hook(spec: str, m: ModuleMap, lam: float, spatial: str) -> Callable:
     return hook
 
 
+def _gated_hook(spec: str, m: ModuleMap, lam: float | torch.Tensor, spatial: str, reader: GateReader) -> Callable:
+    """The hook of a gated map: ``x + λ·g·(T(x) − x)`` with λ a scalar or one per row and ``g``
+    the gate's values for this pass (``[B]`` or ``[B, T]``); rows (tokens) with λ·g = 0 keep
+    ``x`` bit for bit."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        x = pick_output(output, spec)
+        g = reader.weights(spec, x)
+        if isinstance(lam, torch.Tensor):
+            if x.shape[0] != lam.numel():
+                raise ConfigError(f"{lam.numel()} per-row strengths, but {spec} got a batch of {x.shape[0]} rows; "
+                                  "give one λ per row of every forward call (generate with the same batch)")
+            g = g * lam.to(g.device).reshape(-1, *([1] * (g.ndim - 1)))
+        else:
+            g = g * lam
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        w = g.to(work)
+        new = (work + w * (apply_map(work, m, 1.0, spatial) - work)).to(x.dtype)
+        return replace_output(output, spec, torch.where(g != 0, new, x))
+
+    return hook
+
+
 @contextlib.contextmanager
 def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | torch.Tensor = 1.0, allow_unbounded: bool = False,
-          halves: str | None = None) -> Iterator[Any]:
+          halves: str | None = None, gate: bool | str = True) -> Iterator[Any]:
     """Applies ``tmap`` at strength λ inside the ``with`` block; hooks are always removed.
 
     T_λ(a) = a + λ·((ω−1)·a + β) for every token (or pixel) whose value lies inside the
@@ -142,6 +202,11 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
             unchanged unconditional one, as it does for a prompt — or ``both`` halves (the same
             shift in both cancels in the guidance difference to first order). None: the rule
             the map was fitted with (``tmap.config.halves``).
+        gate: with a map that has a gate (``tmap.gate``): True applies it in its own mode —
+            row i (or token t of row i) gets ``x + λᵢ·gᵢ·(T(x) − x)``, ``g`` ∈ {0, 1} read from
+            the gate's module in the same forward pass (closed rows stay bit for bit); ``"sequence"``
+            or ``"token"`` chooses the mode (see :mod:`acttransport.gating`); False steers every
+            input. :func:`gate_history` tells what the gate read. Causal LMs only.
 
     Raises:
         ConfigError: bad strength or ``halves``, or the model is already being steered.
@@ -160,6 +225,7 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
     halves = tmap.config.halves if halves is None else halves
     if halves not in HALVES:
         raise ConfigError(f"halves must be one of {', '.join(HALVES)}, got {halves!r}")
+    mode = _gate_mode(tmap, gate)
     if is_steered(model):
         raise ConfigError("this model is already being steered; leave the other `steer` block first (or compose the maps)")
     root = module_tree(model)
@@ -170,6 +236,9 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
     handles = []
     if rows is not None and (per_step or halves == "cond"):
         raise ConfigError("per-row strengths are for causal LMs; a diffusion pipeline takes one strength per call")
+    if mode is not None and (per_step or tmap.config.denoiser or denoiser_name(model) or not isinstance(model, nn.Module)):
+        raise ConfigError("gating is implemented for causal LMs; steer a diffusion pipeline with gate=False (the map ungated)")
+    reader = GateReader(tmap.gate, mode, tmap.modules) if mode is not None and (rows is not None or lam != 0.0) else None
     if per_step or halves == "cond":
         den = tmap.config.denoiser or denoiser_name(model)
         if den is None:
@@ -183,6 +252,8 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
 
     def make(spec: str) -> Callable:
         steps, shared = per_step.get(spec), tmap.maps[spec]
+        if reader is not None:
+            return _gated_hook(spec, shared, lam if rows is None else rows, spatial, reader)
         if steps is None and rows is None and halves != "cond":
             return _plain_hook(spec, shared, lam, spatial)
 
@@ -214,13 +285,18 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
         return hook
 
     try:
+        if reader is not None:
+            handles.append(root.register_forward_pre_hook(reader.pre_forward, with_kwargs=True))
+            handles += add_hooks(root, [tmap.gate.module], lambda spec: reader.read)  # before the maps' hooks: reads unsteered output
         handles += add_hooks(root, tmap.modules, make)
     except BaseException:
         remove_hooks(handles)
         raise
     setattr(model, _ACTIVE, handles)
+    setattr(model, _GATE, reader)
     try:
         yield model
     finally:
         remove_hooks(handles)
         setattr(model, _ACTIVE, None)
+        setattr(model, _GATE, None)

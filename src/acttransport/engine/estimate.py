@@ -24,6 +24,7 @@ from ..runners import Runner, runner_for
 from ..targets.layers import pick_layers
 from ..targets.names import match_modules
 from ..targets.presets import default_preset, model_type
+from ..transport.gate import Gate, fit_gate, split_holdout
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
 from .causal import fit_causal_one_pass
@@ -144,6 +145,32 @@ def _fit_all(runner: Runner, texts: list[str], sites: list[Site], n: int, n_step
     return _fit_pooled_steps(runner, texts, sites, n, opts, pool_how, fit, progress)
 
 
+def _gate_module(runner: Runner, sites: Sequence[Site], spec: str | None) -> str:
+    """The module the gate reads: ``spec`` (one module, running no later than the first mapped
+    module) or, by default, the first mapped module.
+
+    Raises:
+        ModuleMatchError, ConfigError: ``spec`` matches no single module, or runs after a mapped module.
+    """
+    first = sites[0][0]
+    if spec is None or spec == first:
+        return first
+    found = match_modules(runner.model, spec)
+    if len(found) != 1:
+        raise ConfigError(f"gate_module {spec!r} matches {len(found)} modules ({', '.join(found[:3])}); name exactly one")
+    order = [s for s, _ in execution_order(runner, list(dict.fromkeys([found[0], first])))]
+    if order.index(found[0]) > order.index(first):
+        raise ConfigError(f"gate_module {found[0]} runs after the first mapped module {first}; the gate must be read before the modules "
+                          "it gates: choose an earlier module (or leave gate_module unset: the first mapped module)")
+    return found[0]
+
+
+def _fit_gate(runner: Runner, source: list[str], target: list[str], module: str, opts: FitOptions) -> Gate:
+    """The gate of ``opts.gate`` on the unsteered mean-pooled output of ``module`` (one truncated pass)."""
+    acts = collect_sites(runner, source + target, [(module, 0)], "mean", stop_after=(module, 0), progress=False)[(module, 0)]
+    return fit_gate(opts.gate, acts[: len(source)], acts[len(source) :], module, opts.gate_rate, opts.gate_mode, opts.seed)
+
+
 def estimate(
     model: nn.Module | Runner,
     tokenizer: Any = None,
@@ -163,6 +190,10 @@ def estimate(
     spatial: str | None = None,
     halves: str | None = None,
     memory_budget: str | None = None,
+    gate: str | None = None,
+    gate_rate: float | None = None,
+    gate_module: str | None = None,
+    gate_mode: str | None = None,
     data: str = "",
     progress: bool = True,
     options: FitOptions | None = None,
@@ -189,6 +220,10 @@ def estimate(
         layers: keep only some layers of the matched modules (``every-2nd``, ``first-half``, ``"0,4,8"``, ...).
         method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves, memory_budget:
             see FitOptions (``memory_budget="2GB"``: one decoder layer at a time, bounded memory, same maps).
+        gate, gate_rate, gate_module, gate_mode: fit a gate with the map (``"probe"``, ``"ratio"``
+            or ``"cosine"``; causal LMs), read by :func:`~acttransport.steer` — see FitOptions and
+            :mod:`acttransport.transport.gate`. Its held-out AUC and opening rates are in
+            ``tmap.gate.report``.
         data: a description of the data, stored in the config.
         progress: show progress bars.
         options: a FitOptions to start from (for a diffusion pipeline also ``steps`` and ``spatial``).
@@ -198,13 +233,15 @@ def estimate(
         **method_options: method-specific options (e.g. ``pair_index`` for actadd).
 
     Returns:
-        A :class:`~acttransport.artifact.TransportMap` with the modules in execution order.
+        A :class:`~acttransport.artifact.TransportMap` with the modules in execution order (and
+        its ``gate`` when one was asked for).
 
     Raises:
         ConfigError, DataError, ModuleMatchError: bad options, data or module patterns.
     """
     given = dict(layers=layers, method=method, support=support, pooling=pooling, causal=causal, condition=condition, batch_size=batch_size, max_length=max_length, seed=seed,
-                 steps=steps, spatial=spatial, halves=halves, memory_budget=memory_budget)
+                 steps=steps, spatial=spatial, halves=halves, memory_budget=memory_budget, gate=gate, gate_rate=gate_rate,
+                 gate_module=gate_module, gate_mode=gate_mode)
     opts = _options(options, modules, given, method_options)
     info, pool_how = opts.info, opts.resolved_pooling
     source, target = check_texts(source if source is not None else [], "source"), check_texts(target if target is not None else [], "target")
@@ -213,6 +250,8 @@ def estimate(
     notes = [note] if note else []  # recorded in the config; the subsample and degenerate units are also warned
     if note:
         warnings.warn(note, stacklevel=2)
+    if opts.gate is not None:
+        split_holdout(len(source), opts.seed)  # too few sentences to hold out: fail before the fit
     g = current_group(group)
     with failing_together(g):  # under torch.distributed a rank's error stops every rank
         runner = runner_for(model, tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
@@ -222,6 +261,13 @@ def estimate(
         timesteps = list(getattr(runner, "timesteps", []) or [])
         n_steps = _steps_per_module(sites, len(timesteps) or None)
         n = len(source)
+        gate_at = None
+        if opts.gate is not None:
+            if n_steps > 1 or getattr(runner, "denoiser", None) or runner.repeated:
+                raise ConfigError("gates are fitted for causal LMs; fit a diffusion pipeline's map without a gate")
+            if g is not None:
+                raise ConfigError("a gate is fitted in one process; run estimate with a gate without torchrun")
+            gate_at = _gate_module(runner, sites, opts.gate_module)
         flat: dict[str, list[int]] = {}
 
         def fit(key: Any, acts: Tensor) -> ModuleMap:
@@ -253,6 +299,7 @@ def estimate(
             notes += more
         else:
             fitted = _fit_all(runner, texts, sites, n, n_steps, opts, pool_how, fit, progress, notes)
+        fitted_gate = _fit_gate(runner, source, target, gate_at, opts) if gate_at is not None else None
     for spec, counts in flat.items():
         if max(counts):
             where = "" if n_steps == 1 or len(counts) == 1 else f" at {sum(c > 0 for c in counts)} of {len(counts)} steps"
@@ -267,4 +314,4 @@ def estimate(
         condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
         denoiser=getattr(runner, "denoiser", None), runner=dict(getattr(runner, "settings", {}) or {}),
     )
-    return TransportMap(fitted, cfg)
+    return TransportMap(fitted, cfg, fitted_gate)

@@ -1,0 +1,140 @@
+"""The gate at run time: reading it in a causal LM's forward pass, and the per-row weights it gives.
+
+One :class:`GateReader` per ``steer`` block. A forward pre-hook on the model reads the call's
+``attention_mask`` (and ``cache_position``) to tell padding and whether the call starts a
+sequence (prefill) or extends one (a decoding step); a forward hook on the gate's module pools
+its output and scores it; each mapped module's hook then asks :meth:`GateReader.weights` for
+its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
+
+* ``sequence`` — at prefill, the mean of the prompt's real tokens is scored once per row; the
+  value is kept for every generated token of that row.
+* ``token`` — the running mean of the row's real tokens so far (prompt and generated) is
+  scored at every position; a padding position gets 0.
+
+The gate module must run before every mapped module in each forward pass (it usually is the
+first mapped module, read before its map acts); a mapped module that runs before the gate has
+been read in the current pass raises :class:`~acttransport.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ModuleMatchError
+from .targets.names import pick_output
+from .transport.gate import Gate
+
+__all__ = ["GateReader"]
+
+
+class GateReader:
+    """The state of one gate within one ``steer`` block.
+
+    Args:
+        gate: the map's gate.
+        mode: ``sequence`` or ``token`` (see the module docstring).
+        gated: the specs of the mapped modules it gates.
+
+    Attributes:
+        history: one entry per prefill (a forward call that starts sequences), in order:
+            ``{"score": [B], "open": [B]}`` — each row's prompt score and gate value (in token
+            mode the value at the prompt's last token) — and, in token mode, ``"open_tokens"`` /
+            ``"tokens"`` ``[B]``: how many of the row's later (generated) tokens opened it, of how many,
+            and ``"prompt_open"`` ``[B, T]``: its value at each prompt position (0 at padding).
+    """
+
+    def __init__(self, gate: Gate, mode: str, gated: list[str]) -> None:
+        self.gate, self.mode, self.gated = gate, mode, list(gated)
+        self.mask: Tensor | None = None  # the call's attention mask, [B, past + T]
+        self.start: int | None = None  # the call's cache_position[0], when given without a mask
+        self.values: Tensor | None = None  # [B] (sequence) or [B, T] (token) for the current pass
+        self.pending: set[str] = set()  # mapped modules that have not read the current values yet
+        self.kept: Tensor | None = None  # sequence mode: the prefill's values, kept for decoding
+        self.sums: Tensor | None = None  # token mode: running sums [B, d] and counts [B]
+        self.counts: Tensor | None = None
+        self.history: list[dict[str, Tensor]] = []
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (``with_kwargs=True``) on the model: remembers the call's mask."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None)
+        self.mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        pos = kwargs.get("cache_position")
+        self.start = int(pos.flatten()[0]) if isinstance(pos, Tensor) and pos.numel() else None
+        self.values, self.pending = None, set()
+
+    def read(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the gate's module: scores this pass's tokens."""
+        x = pick_output(output, self.gate.module)
+        if x.ndim != 3:
+            raise ModuleMatchError(f"the gate reads {self.gate.module}, whose output has shape {tuple(x.shape)}; "
+                                   "a causal LM's gate needs a [batch, tokens, units] output")
+        if x.shape[-1] != self.gate.width:
+            raise ModuleMatchError(f"the gate was fitted on {self.gate.width} units of {self.gate.module}, which outputs {x.shape[-1]}")
+        b, t = x.shape[:2]
+        if self.mask is not None:
+            past = self.mask.shape[1] - t
+            if past < 0 or self.mask.shape[0] != b:
+                raise ModuleMatchError(f"attention mask {tuple(self.mask.shape)} does not line up with {self.gate.module}'s "
+                                       f"output {tuple(x.shape)}")
+            real = self.mask[:, past:].to(device=x.device, dtype=torch.float64)  # [B, T]
+        else:
+            past = self.start or 0
+            real = torch.ones(b, t, dtype=torch.float64, device=x.device)
+        xd = x.detach().double() * real[..., None]
+        if self.mode == "sequence":
+            if past == 0:
+                z = xd.sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+                score = self.gate.score(z)
+                self.kept = (score > self.gate.threshold).double()
+                self.history.append({"score": score.cpu(), "open": self.kept.cpu()})
+            elif self.kept is None or self.kept.shape[0] != b:
+                raise ConfigError("a decoding step reached the gate without its prompt: run the prompt (prefill) inside the same "
+                                  "`steer` block, with the same batch")
+            self.values = self.kept
+        else:
+            if past == 0:
+                self.sums = torch.zeros(b, x.shape[-1], dtype=torch.float64, device=x.device)
+                self.counts = torch.zeros(b, dtype=torch.float64, device=x.device)
+            elif self.sums is None or self.sums.shape[0] != b:
+                raise ConfigError("a decoding step reached the gate without its prompt: run the prompt (prefill) inside the same "
+                                  "`steer` block, with the same batch")
+            sums = self.sums[:, None] + xd.cumsum(1)  # [B, T, d]
+            counts = self.counts[:, None] + real.cumsum(1)  # [B, T]
+            scores = self.gate.score(sums / counts.clamp_min(1)[..., None])  # [B, T]
+            vals = (scores > self.gate.threshold).double() * real
+            self.sums, self.counts = sums[:, -1], counts[:, -1]
+            self.values = vals
+            if past == 0:
+                zeros = torch.zeros(b, dtype=torch.float64)
+                last = scores[:, -1].cpu()  # the running mean at each row's last real token (padding adds nothing)
+                self.history.append({"score": last, "open": (last > self.gate.threshold).double(), "open_tokens": zeros, "tokens": zeros.clone(),
+                                     "prompt_open": vals.cpu()})
+            elif self.history:
+                h = self.history[-1]
+                h["open_tokens"] += vals.sum(1).cpu()
+                h["tokens"] += real.sum(1).cpu()
+        self.pending = set(self.gated)
+
+    def weights(self, spec: str, x: Tensor) -> Tensor:
+        """The gate values for mapped module ``spec``'s output ``x`` (``[B, T, d]`` or ``[B, d]``),
+        shaped to broadcast against it: ``[B, 1, 1]`` / ``[B, 1]`` or ``[B, T, 1]`` (token mode).
+
+        Raises:
+            ConfigError: the gate has not been read in this forward pass before ``spec`` ran.
+        """
+        if self.values is None or spec not in self.pending:
+            raise ConfigError(f"{spec} ran before the gate's module {self.gate.module} in this forward pass; the gate must be read "
+                              "before the modules it gates: fit the gate on the earliest mapped module (the default) or an earlier one")
+        self.pending.discard(spec)
+        v = self.values
+        if v.shape[0] != x.shape[0]:
+            raise ModuleMatchError(f"{spec} got a batch of {x.shape[0]} rows but the gate read {v.shape[0]}")
+        if v.ndim == 1:
+            return v.reshape(-1, *([1] * (x.ndim - 1)))
+        if x.ndim != 3 or x.shape[1] != v.shape[1]:
+            raise ModuleMatchError(f"token-mode gating needs {spec}'s output to be [batch, tokens, units] with the gate module's "
+                                   f"{v.shape[1]} tokens, got {tuple(x.shape)}; use gate='sequence'")
+        return v[..., None]
