@@ -10,6 +10,10 @@ on sentences (ideally held out from the fit) with the map applied at strength λ
   held-out sentences; None when the two sets' means are not told apart at this sample size);
 * ``w1_before`` / ``w1_after`` — the mean over units of the 1-D Wasserstein-1 distance from the
   (unsteered / steered) source to the target (:func:`~acttransport.transport.wasserstein1`).
+
+The maps are measured ungated (a gate decides whether they act, not where they move an input);
+a map with a gate also gets the gate's held-out report (``gate``: kind, module, threshold,
+AUC, opening rates on held-out source and target) from its fit.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def diagnose(
 
     Returns:
         ``{"strength", "n_source", "n_target", "held_out", "modules": {spec: {"progress",
-        "w1_before", "w1_after"}}}`` (JSON-ready; NaN as None), to store with
+        "w1_before", "w1_after"}}}`` and, for a gated map, ``"gate"`` (its held-out report)
+        (JSON-ready; NaN as None), to store with
         ``tmap.config.replace(diagnostics=...)``.
     """
     if tmap is None:
@@ -80,7 +85,7 @@ def diagnose(
     where = list(at) if at is not None else tmap.modules
     kw = dict(modules=where, pooling=tmap.config.pooling, progress=False)
     src, tgt = unsteered if unsteered is not None else (collect(runner, texts=source, **kw), collect(runner, texts=target, **kw))
-    with steer(getattr(runner, "pipe", runner.model), tmap, strength, allow_unbounded=True):  # a pipeline is steered whole
+    with steer(getattr(runner, "pipe", runner.model), tmap, strength, allow_unbounded=True, gate=False):  # a pipeline is steered whole
         moved = collect(runner, texts=source, **kw)
     modules = {}
     for spec in where:
@@ -88,8 +93,12 @@ def diagnose(
         # held-out: take the means' sampling noise out; in-sample the map was fitted to these very means
         modules[spec] = {"progress": _num(mean_progress(a, s, b, debias=held_out)), "w1_before": _num(float(wasserstein1(a, b).mean())),
                          "w1_after": _num(float(wasserstein1(s, b).mean()))}
-    return {"strength": float(strength), "n_source": len(source or []), "n_target": len(target or []), "held_out": bool(held_out),
-            "modules": modules}
+    out = {"strength": float(strength), "n_source": len(source or []), "n_target": len(target or []), "held_out": bool(held_out),
+           "modules": modules}
+    if tmap.gate is not None:
+        g = tmap.gate
+        out["gate"] = {"kind": g.kind, "module": g.module, "mode": g.mode, "threshold": g.threshold, "rate": g.rate, **g.report}
+    return out
 
 
 def summarize(diag: dict[str, Any]) -> str:
@@ -109,4 +118,9 @@ def summarize(diag: dict[str, Any]) -> str:
     line2 = f"  overshot at {len(over)} of {len(names)} modules" + (f" (first: {over[0]})" if over else "")
     if ratio:
         line2 += f"; W1 to the target after / before: median {sorted(ratio)[len(ratio) // 2]:.2f}"
+    g = diag.get("gate")
+    if g and {"auc", "opens_source", "opens_target"} <= set(g):
+        line2 += (f"\n  gate ({g['kind']} on {g['module']}, maps measured ungated above): held-out AUC {g['auc']:.3f}; at threshold "
+                  f"{g['threshold']:.4g} it opens on {100 * g['opens_source']:.1f}% of source and {100 * g['opens_target']:.1f}% of target "
+                  f"(stated ≤{100 * g['rate']:g}%)")
     return line1 + "\n" + line2

@@ -25,10 +25,21 @@ from ..steer import check_fits, check_strength, steer
 from ..targets.presets import model_type
 from .rules import ARCHS, Fold, Plan, describe, norm_offset, plan
 
-__all__ = ["BAKE_FILE", "Plan", "bake", "logit_difference", "plan", "save_baked"]
+__all__ = ["BAKE_FILE", "Plan", "bake", "check_ungated", "logit_difference", "plan", "save_baked"]
 
 #: The provenance file written beside a baked checkpoint.
 BAKE_FILE = "acttransport_bake.json"
+
+
+def check_ungated(tmap: TransportMap, what: str) -> None:
+    """Refuses a map with a gate: weights (or a control vector) apply one fixed map to every input.
+
+    Raises:
+        ConfigError: ``tmap`` has a gate, with how to fold the ungated map instead.
+    """
+    if tmap.gate is not None:
+        raise ConfigError(f"this map has a {tmap.gate.kind} gate, which decides per input whether the map applies; {what} applies it to "
+                          "every input: pass the ungated map (tmap.without_gate(); CLI: --no-gate) or steer with hooks to keep the gate")
 
 
 @torch.no_grad()
@@ -97,6 +108,7 @@ def bake(model: nn.Module, tmap: TransportMap, strength: float = 1.0, approximat
         strength: λ in [0, 1] (beyond with a method whose strength is unbounded).
         approximate: also fold maps whose support is ``observed`` / ``quantile:q``, dropping
             the support mask (measure the price with :func:`logit_difference`).
+            A map with a gate is refused (bake ``tmap.without_gate()``).
 
     Returns:
         ``(baked model, plan)``; ``plan.folds`` lists what went where, ``plan.flags`` the
@@ -107,6 +119,7 @@ def bake(model: nn.Module, tmap: TransportMap, strength: float = 1.0, approximat
             module and its reason listed), or a bad strength.
         MapFormatError: the map does not fit the model.
     """
+    check_ungated(tmap, "a baked checkpoint")
     lam = check_strength(strength, tmap.config.unbounded)
     check_fits(model, tmap)
     p = plan(model, tmap, lam, approximate)

@@ -28,9 +28,12 @@ def control_vectors(tmap: TransportMap, strength: float = 1.0) -> dict[int, torc
     """``{layer N: λβ}`` (``[d]`` float32) for a map llama.cpp can run as a control vector.
 
     Raises:
-        ConfigError: some module is not a decoder layer's output ≥ 1, scales (ω ≠ 1), has a
+        ConfigError: the map has a gate, or some module is not a decoder layer's output ≥ 1, scales (ω ≠ 1), has a
             support mask, knots or denoising steps (each module and its reason listed).
     """
+    if tmap.gate is not None:
+        raise ConfigError(f"this map has a {tmap.gate.kind} gate, which decides per input whether the map applies; a control vector adds "
+                          "to every input: export the ungated map (tmap.without_gate(); CLI: --no-gate)")
     out: dict[int, torch.Tensor] = {}
     bad: list[str] = []
     for spec, m in tmap.maps.items():

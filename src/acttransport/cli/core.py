@@ -92,6 +92,18 @@ def cmd_modules(a: argparse.Namespace) -> None:
         print("\npresets for this architecture: " + ", ".join("@" + k + tag(k) for k in table))
         if bakes:
             print("bake: `acttransport bake` folds a map fitted with --support all on these modules into plain weights")
+    if a.map:
+        _describe_map(a.map, model, specs)
+
+
+def _describe_map(directory: str, model: Any, specs: list[str]) -> None:
+    """``modules --map``: which of ``specs`` the map covers, and its gate's held-out report."""
+    from ..steer import load
+
+    tmap = load(directory, model=model)
+    covered = [s for s in specs if s in tmap.maps]
+    print(f"\nmap {directory}: {tmap.config.method} on {len(tmap.maps)} modules ({len(covered)} of the {len(specs)} listed)")
+    print(tmap.gate.describe() if tmap.gate is not None else "no gate: the map acts on every input")
 
 
 _JOINED = {"group": False}
@@ -132,6 +144,9 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
     if (a.fluency_texts or a.frontier) and not a.budget:
         raise ConfigError("--fluency-texts and --frontier go with --budget")
+    if opts.gate is not None and a.budget:
+        raise ConfigError("--gate with --budget is not supported: choose the modules with --budget first, then fit them with --gate "
+                          "(--modules ... --layers ...)")
     if a.pipeline or is_pipeline_name(a.model):
         if a.budget:
             raise ConfigError("--budget chooses modules by a language model's perplexity; it does not apply to a text-to-image pipeline")
@@ -166,7 +181,9 @@ def cmd_fit(a: argparse.Namespace) -> None:
     where = f" on {world} ranks" if rank is not None else ""
     print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs in {time.time() - t0:.1f}s{where}")
     diag = _diagnose(a.diagnose, model, tok, tmap, full, (source, target), opts) if a.diagnose else {}
-    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model, data=desc, diagnostics=diag))
+    tmap = tmap.with_config(model=a.model, data=desc, diagnostics=diag)
+    if tmap.gate is not None and not diag:  # else in the diagnostics' summary
+        print(tmap.gate.describe())
     print(f"map written to {tmap.save(a.out)}")
     for note in tmap.config.notes:
         print(f"  note: {note}")
@@ -227,7 +244,7 @@ def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], li
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from ..generation import generate
-    from ..steer import check_strength, load, steer
+    from ..steer import check_strength, gate_history, load, steer
 
     prompts = list(a.prompt or [])
     if a.prompts:
@@ -241,17 +258,46 @@ def cmd_generate(a: argparse.Namespace) -> None:
     model, tok = load_lm(a.model)
     tmap = load(a.map, model=model)
     strengths = [check_strength(float(s), a.allow_unbounded or tmap.config.unbounded) for s in a.strengths.split(",")]
+    gate = False if a.no_gate else (a.gate_mode or True)
+    if a.gate_mode and tmap.gate is None:
+        raise ConfigError(f"--gate-mode {a.gate_mode}: this map has no gate (fit one with --gate)")
     rows: dict[float, list[str]] = {}
+    gates: dict[float, dict[str, Any]] = {}
     for lam in strengths:
-        with steer(model, tmap, lam, allow_unbounded=a.allow_unbounded):
+        with steer(model, tmap, lam, allow_unbounded=a.allow_unbounded, gate=gate):
             rows[lam] = generate(model, tok, prompts, _sampling(a), seed=a.seed, batch_size=a.batch_size, desc=f"λ={lam:g}")
+            gates[lam] = _gate_log(gate_history(model))
+    if tmap.gate is not None and gate is not False:
+        print(tmap.gate.describe() if a.gate_mode is None else tmap.gate.replace(mode=a.gate_mode).describe())
+    read = next((gates[lam] for lam in strengths if gates[lam]), {})  # the prompt's score is the same at every λ > 0
     if a.json:
-        print(json.dumps([{"prompt": p, **{f"strength={lam:g}": rows[lam][i] for lam in strengths}} for i, p in enumerate(prompts)], indent=2))
+        print(json.dumps([{"prompt": p, **{f"strength={lam:g}": rows[lam][i] for lam in strengths}, **_gate_json(read, gates, strengths, i)}
+                          for i, p in enumerate(prompts)], indent=2))
         return
     for i, p in enumerate(prompts):
-        print(f"\n=== {p!r}")
+        print(f"\n=== {p!r}" + (f"  [gate {'open' if read['open'][i] else 'closed'}, score {read['score'][i]:.3g}]" if read else ""))
         for lam in strengths:
-            print(f"  λ={lam:<5g} {rows[lam][i].strip()!r}")
+            toks = gates[lam].get("tokens")
+            extra = f"  [gate open on {int(gates[lam]['open_tokens'][i])}/{int(toks[i])} generated tokens]" if toks is not None else ""
+            print(f"  λ={lam:<5g} {rows[lam][i].strip()!r}{extra}")
+
+
+def _gate_log(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A steer block's gate history (one entry per batch) as one list per field, in prompt order ({} when not gated)."""
+    if not history:
+        return {}
+    return {k: [float(v) for h in history for v in h[k].tolist()] for k in history[0] if history[0][k].ndim == 1}
+
+
+def _gate_json(read: dict[str, Any], gates: dict[float, dict[str, Any]], strengths: list[float], i: int) -> dict[str, Any]:
+    """The gate's fields of one prompt's JSON row: its value and score and, in token mode, the generated tokens it opened on."""
+    if not read:
+        return {}
+    out: dict[str, Any] = {"gate_open": bool(read["open"][i]), "gate_score": read["score"][i]}
+    for lam in strengths:
+        if "tokens" in gates[lam]:
+            out[f"gate_open_tokens@strength={lam:g}"] = [int(gates[lam]["open_tokens"][i]), int(gates[lam]["tokens"][i])]
+    return out
 
 
 def add_core_commands(sub: Any) -> None:
@@ -260,6 +306,7 @@ def add_core_commands(sub: Any) -> None:
     m.add_argument("model", help=MODEL_HELP)
     m.add_argument("patterns", nargs="*", help="regexes (full match) with optional ':k', or @preset; default: the architecture's preset")
     m.add_argument("--pipeline", action="store_true", help="MODEL is a diffusers pipeline (automatic for toy-t2i and folders with model_index.json)")
+    m.add_argument("--map", help="also say which listed modules a fitted map covers, and its gate's held-out accuracy")
     m.set_defaults(func=cmd_modules)
 
     f = sub.add_parser("fit", help="estimate a transport map from source and target sentences")
@@ -297,5 +344,9 @@ def add_core_commands(sub: Any) -> None:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    g.add_argument("--no-gate", action="store_true", help="steer every prompt even when the map has a gate")
+    g.add_argument("--gate-mode", choices=["sequence", "token"],
+                   help="a gated map: read the gate once from the prompt (sequence) or from the running mean of the tokens so far (token); "
+                        "default: the map's own")
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)

