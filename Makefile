@@ -90,8 +90,9 @@ demo: $(STAMP)
 demo-diffusion: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo-diffusion
 
-test: $(STAMP) $(LLAMA_STAMP) $(UI_STAMP)
+test: $(STAMP) $(LLAMA_STAMP) $(UI_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 ACTTRANSPORT_NEED_LLAMA_CPP=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests_vllm
 
 test-fast: $(STAMP) $(UI_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -108,7 +108,10 @@ class Registry:
             lam = entry.tmap.config.strength
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise ConfigError(f"'{KEY_STRENGTH}' must be a number, got {lam!r}")
-        return name, check_strength(lam, entry.tmap.config.unbounded)
+        try:
+            return name, check_strength(lam, entry.tmap.config.unbounded)
+        except ConfigError:
+            raise ConfigError(f"strength {lam} is outside [0, 1] for map {name!r} (0 = no transport, 1 = full transport)") from None
 
 
 _CACHE: dict[str, Registry] = {}

