@@ -94,6 +94,20 @@ def test_fit_then_steer_lambda_zero_is_the_unsteered_model_and_one_differs(serve
     assert (p, s) == (plain1, steered1)
 
 
+def test_continuations_stream_token_by_token_unsteered_first(server):
+    url, _ = server
+    c = client(url)
+    fit(c, "tox")
+    job = c.submit(PROMPT, "tox", 1.0, "(none)", 1.0, 0, 12, True, 1.0, 0.3, 1.2, api_name="/generate")
+    plain, steered, _, _ = job.result()
+    updates = [tuple(o[:2]) for o in job.outputs()]
+    growing_plain = [p for p, s in updates if not s]
+    growing_steered = [s for p, s in updates if s]
+    assert len(set(growing_plain)) >= 6 and len(set(growing_steered)) >= 6  # many partial texts of each, not one final text
+    assert all(plain.startswith(p) for p in growing_plain) and all(steered.startswith(s) for s in growing_steered)
+    assert all(p == plain for p, s in updates if s)  # the steered side starts once the unsteered one is complete
+
+
 def test_every_session_starts_with_the_maps_given_at_launch(server):
     url, _ = server
     plain, steered, _, _ = generate(client(url), "preloaded", 1.0)
@@ -116,9 +130,11 @@ def test_image_tab_draws_pairs_with_the_toy_judge_and_the_lambda_grid(server):
     captions = ["a red circle", "a blue square", "a green triangle"]
     status = fit(c, "striped", "image", captions, [p + ", striped style" for p in captions], support="all")[0]
     assert "fitted **striped**" in status and "diagnostics: text maps only" in status
-    plain, steered = c.predict("a red circle\na blue square", "striped", 1.0, 2, 0, api_name="/draw")
+    plain, read_plain, steered, read_steered = c.predict("a red circle\na blue square", "striped", 1.0, 2, 0, api_name="/draw")
     assert len(plain) == len(steered) == 4
-    assert all(item["caption"] and "(p " in item["caption"] for item in plain + steered)  # the toy judge's reading under each image
+    styles = ("plain", "striped", "dotted", "outline")
+    assert all(item["caption"].startswith(styles) for item in plain + steered)  # the toy judge's reading under each image
+    assert read_plain.startswith("toy judge: ") and "shape as asked" in read_plain and "/4" in read_steered
     from PIL import Image
 
     grid = c.predict("a red circle", "striped", "0,0.5,1", 2, 0, api_name="/grid")

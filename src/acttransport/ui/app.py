@@ -15,8 +15,8 @@ from typing import Any, Callable
 from ..artifact import TransportMap
 from ..errors import ActTransportError, ConfigError
 from ..methods import METHODS
-from .backend import KINDS, Playground, compose_selected, fit_map, gate_reading, load_map, parse_lines, score_texts, stream_pair
-from .views import diagnose_map, diagnostics_figure, draw_grid, draw_pair, module_widths, parse_strengths, readings, to_pil
+from .backend import KINDS, Playground, compose_selected, fit_map, load_map, parse_lines, score_texts, stream_pair
+from .views import caption_of, diagnose_map, diagnostics_figure, draw_grid, draw_pair, module_widths, parse_strengths, readings, summary, to_pil
 
 __all__ = ["DATASETS", "NONE", "build_app"]
 
@@ -137,18 +137,27 @@ def build_app(pg: Playground) -> Any:
                     temperature: float, top_p: float, penalty: float) -> Any:
         tmap, lam = _selected(maps, "text", [(m1, l1), (m2, l2)])
         plain = steered = ""
-        for plain, steered in stream_pair(pg, tmap, prompt, lam, int(seed), int(max_new), greedy, temperature, top_p, penalty):
+        info: dict[str, Any] = {}
+        for plain, steered in stream_pair(pg, tmap, prompt, lam, int(seed), int(max_new), greedy, temperature, top_p, penalty, info):
             yield plain, steered, "", ""
         scores = score_texts(pg, [plain, steered] if tmap is not None else [plain])
-        gate = gate_reading(tmap)
+        gate = info.get("gate", "")
         yield (plain, steered, _fmt_score(scores[0] if scores else None, ""),
                _fmt_score(scores[1] if scores and tmap is not None else None, gate) if tmap is not None else "no map selected")
 
-    def do_draw(maps: dict, prompts: str, name: str, lam: float, per_prompt: float, seed: float) -> tuple[Any, Any]:
+    def do_draw(maps: dict, prompts: str, name: str, lam: float, per_prompt: float, seed: float) -> tuple[Any, ...]:
         tmap, lam = _selected(maps, "image", [(name, lam)])
-        plain, steered = draw_pair(pg, tmap, parse_lines(prompts), lam, int(seed), int(per_prompt))
-        gallery = lambda imgs: list(zip(to_pil(imgs), readings(pg, imgs))) if imgs is not None else []  # noqa: E731
-        return gallery(plain), gallery(steered)
+        lines = parse_lines(prompts)
+        plain, steered = draw_pair(pg, tmap, lines, lam, int(seed), int(per_prompt))
+        cols = [p for p in lines for _ in range(max(1, int(per_prompt)))]
+
+        def gallery(imgs: Any) -> tuple[list, str]:
+            if imgs is None:
+                return [], "no map selected"
+            reads = readings(pg, imgs)
+            return list(zip(to_pil(imgs), [caption_of(r) for r in reads])), summary(reads, cols)
+
+        return (*gallery(plain), *gallery(steered))
 
     def do_grid(maps: dict, prompts: str, name: str, strengths: str, per_prompt: float, seed: float) -> Any:
         tmap, _ = _selected(maps, "image", [(name, 1.0)])
@@ -166,10 +175,11 @@ def build_app(pg: Playground) -> Any:
 
     def do_dataset(label: str, n: float) -> tuple[Any, ...]:
         if label not in DATASETS:
-            return gr.update(), gr.update(), gr.update()
+            return gr.update(), gr.update(), gr.update(), gr.update()
         kind, loader = DATASETS[label]
         source, target = loader(int(n) if n else 64)
-        return "\n".join(source), "\n".join(target), kind
+        # style control adds a concept everywhere: support all (Q∞), as the paper's induction runs
+        return "\n".join(source), "\n".join(target), kind, "all" if kind == "image" else "(method default)"
 
     def do_modules(kind: str, pattern: str) -> list[list[Any]]:
         return [[s, w] for s, w in module_widths(pg, kind, pattern)]
@@ -239,10 +249,10 @@ def build_app(pg: Playground) -> Any:
                 with gr.Row():
                     with gr.Column():
                         out_plain = gr.Textbox(label="unsteered", lines=5, elem_id="out-plain")
-                        score_plain = gr.Markdown()
+                        score_plain = gr.Markdown(elem_id="score-plain")
                     with gr.Column():
                         out_steer = gr.Textbox(label="steered", lines=5, elem_id="out-steered")
-                        score_steer = gr.Markdown()
+                        score_steer = gr.Markdown(elem_id="score-steered")
             with gr.Tab("Image", id="image", elem_id="tab-image"):
                 prompts = gr.Textbox(label="prompts (one per line)", value="a red circle\na blue square", lines=3, elem_id="img-prompts")
                 with gr.Row():
@@ -252,8 +262,14 @@ def build_app(pg: Playground) -> Any:
                     im_seed = gr.Number(0, label="seed (image k: seed + k)", precision=0)
                 draw_btn = gr.Button("Draw", variant="primary", elem_id="draw")
                 with gr.Row():
-                    gal_plain = gr.Gallery(label="unsteered (toy judge's reading under each image)", columns=4, height=260, elem_id="gal-plain")
-                    gal_steer = gr.Gallery(label="steered", columns=4, height=260, elem_id="gal-steered")
+                    with gr.Column():
+                        gal_plain = gr.Gallery(label="unsteered (the toy judge's style reading under each image)", columns=4, height=170,
+                                               object_fit="contain", elem_id="gal-plain")
+                        read_plain = gr.Markdown(elem_id="read-plain")
+                    with gr.Column():
+                        gal_steer = gr.Gallery(label="steered, from the same noise", columns=4, height=170, object_fit="contain",
+                                               elem_id="gal-steered")
+                        read_steer = gr.Markdown(elem_id="read-steered")
                 with gr.Row():
                     strengths = gr.Textbox("0,0.5,1", label="grid strengths (rows)", scale=3)
                     grid_btn = gr.Button("Grid", scale=1, elem_id="grid")
@@ -261,15 +277,15 @@ def build_app(pg: Playground) -> Any:
             with gr.Tab("Fit", id="fit", elem_id="tab-fit"):
                 with gr.Row():
                     kind = gr.Radio(list(KINDS), value="text" if pg.model is not None else "image", label="fit on")
-                    dataset = gr.Dropdown([PASTE, *DATASETS], value=PASTE, label="shipped data set (fills the lists)")
-                    n_max = gr.Number(64, label="at most N per list", precision=0)
+                    dataset = gr.Dropdown([PASTE, *DATASETS], value=PASTE, label="shipped data set (fills the lists)", elem_id="fit-dataset")
+                    n_max = gr.Number(64, label="at most N per list", precision=0, elem_id="fit-n")
                 with gr.Row():
                     with gr.Column():
-                        src = gr.Textbox(label="source (move away from), one per line", lines=6, elem_id="fit-source")
-                        src_file = gr.File(label="or upload a source file (.txt / .jsonl)", type="filepath", height=90)
+                        src = gr.Textbox(label="source (move away from), one per line", lines=6, max_lines=10, elem_id="fit-source")
+                        src_file = gr.File(label="or upload a source file (.txt / .jsonl)", type="filepath", height=130)
                     with gr.Column():
-                        tgt = gr.Textbox(label="target (move towards), one per line", lines=6, elem_id="fit-target")
-                        tgt_file = gr.File(label="or upload a target file", type="filepath", height=90)
+                        tgt = gr.Textbox(label="target (move towards), one per line", lines=6, max_lines=10, elem_id="fit-target")
+                        tgt_file = gr.File(label="or upload a target file", type="filepath", height=130)
                 with gr.Row():
                     method = gr.Dropdown(sorted(METHODS), value="linear", label="method")
                     support = gr.Dropdown(["(method default)", "observed", "all", "quantile:0.01"], value="(method default)", label="support")
@@ -281,7 +297,7 @@ def build_app(pg: Playground) -> Any:
                 table = gr.Dataframe(headers=["module", "width"], label="what the pattern matches (dry run)", max_height=200)
                 fit_btn = gr.Button("Fit", variant="primary", elem_id="fit")
                 fit_msg = gr.Markdown(elem_id="fit-status")
-                plot = gr.Plot(label="overshoot diagnostics")
+                plot = gr.Plot(label="overshoot diagnostics", elem_id="fit-plot")
                 with gr.Row():
                     save_dir = gr.Textbox(label="save the map named above to a folder", scale=4)
                     save_btn = gr.Button("Save", scale=1)
@@ -292,9 +308,9 @@ def build_app(pg: Playground) -> Any:
         load_btn.click(_guard(do_load), [maps, folder], [maps, load_msg, *drops], api_name="load_map", **q)
         gen_btn.click(_guard(do_generate), [maps, prompt, m1, l1, m2, l2, seed, max_new, greedy, temp, top_p, penalty],
                       [out_plain, out_steer, score_plain, score_steer], api_name="generate", **q)
-        draw_btn.click(_guard(do_draw), [maps, prompts, im_map, im_lam, per_prompt, im_seed], [gal_plain, gal_steer], api_name="draw", **q)
+        draw_btn.click(_guard(do_draw), [maps, prompts, im_map, im_lam, per_prompt, im_seed], [gal_plain, read_plain, gal_steer, read_steer], api_name="draw", **q)
         grid_btn.click(_guard(do_grid), [maps, prompts, im_map, strengths, per_prompt, im_seed], grid_img, api_name="grid", **q)
-        dataset.change(_guard(do_dataset), [dataset, n_max], [src, tgt, kind], api_name="dataset")
+        dataset.change(_guard(do_dataset), [dataset, n_max], [src, tgt, kind, support], api_name="dataset")
         list_btn.click(_guard(do_modules), [kind, pattern], table, api_name="modules", **q)
         fit_btn.click(_guard(do_fit), [maps, kind, src, src_file, tgt, tgt_file, method, pattern, support, fit_lam, n_max, name],
                       [maps, fit_msg, plot, name, *drops], api_name="fit", **q)

@@ -276,9 +276,12 @@ def _stream_one(pg: Playground, prompt: str, sampling: Sampling, seed: int) -> I
 
 def stream_pair(pg: Playground, tmap: TransportMap | None, prompt: str, strength: float = 1.0, seed: int = 0, max_new_tokens: int = 32,
                 greedy: bool = False, temperature: float = 1.0, top_p: float = 0.3, repetition_penalty: float = 1.2,
-                ) -> Iterator[tuple[str, str]]:
+                info: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
     """``(unsteered, steered)`` continuations of ``prompt`` as they grow: first the unsteered one
     token by token, then the steered one from the same seed (no map: the steered side stays "").
+
+    ``info``, when given, receives ``"gate"``: what a gated map's gate read on the prompt
+    (:func:`gate_reading`; "" for an ungated map).
 
     Raises:
         DataError: the prompt is empty.
@@ -297,6 +300,8 @@ def stream_pair(pg: Playground, tmap: TransportMap | None, prompt: str, strength
         steered = ""
         for steered in _stream_one(pg, prompt, sampling, seed):
             yield plain, steered
+        if info is not None:
+            info["gate"] = gate_reading(tmap, model)
     yield plain, steered
 
 
@@ -308,10 +313,21 @@ def score_texts(pg: Playground, texts: Sequence[str]) -> list[float] | None:
     return [float(p) for p in judge.score(list(texts))]
 
 
-def gate_reading(tmap: TransportMap | None) -> str:
-    """A line about the map's gate (maps may carry one: ``tmap.gate``), or "" for an ungated map."""
+def gate_reading(tmap: TransportMap | None, model: Any = None) -> str:
+    """What a gated map's gate read in the current ``steer`` block of ``model`` (its value, 1 open /
+    0 closed, and the prompt's score), or its description outside one; "" for an ungated map."""
     gate = getattr(tmap, "gate", None) if tmap is not None else None
     if gate is None:
         return ""
+    try:
+        from ..steer import gate_history
+    except ImportError:  # a library without gates
+        history = []
+    else:
+        history = gate_history(model) if model is not None else []
+    if history:
+        first = history[0]
+        value, score = float(first["open"][0]), float(first["score"][0])
+        return f"**gate** {value:g} ({'open' if value else 'closed'}; score {score:.3g})"
     describe: Callable[[], str] | None = getattr(gate, "describe", None)
-    return f"gate: {describe() if callable(describe) else gate!r}"
+    return f"**gate**: {describe() if callable(describe) else type(gate).__name__}"

@@ -21,7 +21,8 @@ from ..steer import check_strength, steer
 from ..targets import match_modules
 from .backend import Playground, split_patterns
 
-__all__ = ["PROBE", "diagnose_map", "diagnostics_figure", "draw_pair", "draw_grid", "module_widths", "parse_strengths", "readings", "to_pil"]
+__all__ = ["PROBE", "caption_of", "diagnose_map", "diagnostics_figure", "draw_pair", "draw_grid", "module_widths", "parse_strengths", "readings",
+           "summary", "to_pil"]
 
 #: What the dry run feeds each kind of model to read the widths.
 PROBE = {"text": ["The quick brown fox jumps over the lazy dog"], "image": ["a red circle"]}
@@ -97,18 +98,45 @@ def draw_grid(pg: Playground, tmap: TransportMap, prompts: Sequence[str], streng
     return save_grid(rows, path, scale=scale)
 
 
-def readings(pg: Playground, images: Tensor) -> list[str]:
-    """The toy judge's reading of each image ("red circle, striped (p 0.97)"), or "" without a judge."""
+def readings(pg: Playground, images: Tensor) -> list[dict[str, Any]]:
+    """The toy judge's reading of each image: ``{"colour", "shape", "style", "p"}`` (p: the style
+    head's probability), or ``{}`` per image without a judge."""
     judge = pg.toy_judge()
     if judge is None:
-        return ["" for _ in range(len(images))]
+        return [{} for _ in range(len(images))]
     pred = judge.predict(images)
-    out = []
-    for i in range(len(images)):
-        style = pred["style"]
-        p = float(style["prob"][i].max())
-        out.append(f"{pred['colour']['label'][i]} {pred['shape']['label'][i]}, {style['label'][i]} (p {p:.2f})")
-    return out
+    return [{"colour": pred["colour"]["label"][i], "shape": pred["shape"]["label"][i], "style": pred["style"]["label"][i],
+             "p": float(pred["style"]["prob"][i].max())} for i in range(len(images))]
+
+
+def caption_of(reading: dict[str, Any]) -> str:
+    """``"striped 0.97"``: the style read and its probability (short enough for a thumbnail; shape
+    and colour go to :func:`summary`), or "" without a reading."""
+    return f"{reading['style']} {reading['p']:.2f}" if reading else ""
+
+
+def summary(reads: Sequence[dict[str, Any]], prompts: Sequence[str]) -> str:
+    """One line per gallery: the styles the judge read and how many images kept the shape and colour
+    their prompt asked for (when the prompt is a toy caption)."""
+    from collections import Counter
+
+    from ..toy.render import parse_caption
+
+    if not reads or not reads[0]:
+        return ""
+    styles = ", ".join(f"{k} {v}/{len(reads)}" for k, v in Counter(r["style"] for r in reads).most_common())
+    kept = {"shape": 0, "colour": 0}
+    asked = 0
+    for r, prompt in zip(reads, prompts):
+        try:
+            shape, colour, _ = parse_caption(prompt)
+        except ValueError:
+            continue
+        asked += 1
+        kept["shape"] += r["shape"] == shape
+        kept["colour"] += r["colour"] == colour
+    keep = f"; shape as asked {kept['shape']}/{asked}, colour {kept['colour']}/{asked}" if asked else ""
+    return f"toy judge: {styles}{keep}"
 
 
 def to_pil(images: Tensor, size: int = 128) -> list[Any]:
@@ -166,6 +194,11 @@ def diagnostics_figure(diag: dict[str, Any]) -> Any:
     ax1.axhline(0, color="green", lw=1, ls="--", label="target")
     ax1.axhline(1, color="grey", lw=1, ls=":", label="unmoved")
     ax1.plot(x, prog, "o-", ms=3, label="steered source")
+    finite = [p for p in prog if p == p]
+    if finite and min(finite) < -3:  # a few far overshoots (few sentences) would squash the rest: clip, and mark them
+        ax1.set_ylim(-3.3, max(1.2, max(finite) + 0.2))
+        low = [(i, p) for i, p in zip(x, prog) if p == p and p < -3.3]
+        ax1.plot([i for i, _ in low], [-3.2] * len(low), "v", color="red", ms=5, label=f"below −3.3 ({len(low)})")
     ax1.set_xlabel("module (execution order)")
     ax1.set_ylabel("progress to the target")
     ax1.legend(fontsize=7)
@@ -174,6 +207,10 @@ def diagnostics_figure(diag: dict[str, Any]) -> Any:
     ax2.set_xlabel("module (execution order)")
     ax2.set_ylabel("mean W1 to the target")
     ax2.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     where = "held-out" if diag.get("held_out") else "in-sample"
     fig.suptitle(f"overshoot diagnostics at λ={diag.get('strength', 1):g} on {diag.get('n_source')} + {diag.get('n_target')} {where} sentences",
                  fontsize=9)
