@@ -105,7 +105,7 @@ def test_the_graph_sees_lazy_imports_and_would_catch_a_cycle():
 
 #: The layers, bottom first, as the README's Architecture section lists them.
 LAYERS = ["_version", "errors", "_io", "transport", "methods", "artifact", "targets", "options", "runners", "engine", "gating", "steer",
-          "bake", "diagnose", "generation", "selection", "toy", "assets", "evaluate", "ui", "cli", "__main__", ""]
+          "bake", "diagnose", "generation", "selection", "toy", "assets", "evaluate", "ui", "serve", "cli", "__main__", ""]
 
 
 def _layer(module: str) -> int:

@@ -223,3 +223,22 @@ def test_baked_checkpoint_on_plain_vllm_agrees_with_hooks(maps, hf, tmp_path):
     plain = _plain(str(vllm_model_dir(str(out))), prompts, tmp_path)
     diffs = [_agreement((p["tokens"], p["logprobs"]), _hooked(hf, maps[0]["kind"], lam, ids)) for p, ids in zip(plain, prompts)]
     assert max(diffs) < LOGPROB_TOL
+
+
+def test_python_llm_steers_per_request(maps, mixed):
+    """``acttransport.serve.LLM``: the same maps on an offline ``vllm.LLM``, the same tokens as the server."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from acttransport.serve import LLM, steer_args
+
+    llm = LLM("smollm2-135m", {"kind": maps[1]["kind"], "rude": maps[0]["rude"]}, dtype="float32", max_model_len=256,
+              kv_cache_memory_bytes=256 << 20, seed=0)
+    try:
+        params = [SamplingParams(max_tokens=N_TOKENS, temperature=0, extra_args=steer_args(*(s or (None,)))) for _, s, _, _ in mixed]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _, _ in mixed], params)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [toks for _, _, toks, _ in mixed]
+        with pytest.raises(Exception, match="unknown map 'nope'"):
+            llm.generate([TokensPrompt(prompt_token_ids=mixed[0][0])], SamplingParams(max_tokens=2, extra_args=steer_args("nope")))
+    finally:
+        del llm

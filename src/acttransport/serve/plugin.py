@@ -193,13 +193,13 @@ def register() -> None:
     SteeredLoader = register_model_loader(LOAD_FORMAT)(_loader_class())
 
 
-def _lp_base() -> type:
-    from vllm.v1.sample.logits_processor import LogitsProcessor
+try:
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _LPBase
+except ImportError:  # no vLLM here (the main environment): the module imports, vLLM never loads it
+    _LPBase = object
 
-    return LogitsProcessor
 
-
-class SteerLogitsProcessor(_lp_base()):  # type: ignore[misc]
+class SteerLogitsProcessor(_LPBase):  # type: ignore[misc,valid-type]
     """Carries each request's ``(map, λ)`` from its sampling parameters to the hooks; the
     logits pass through unchanged."""
 

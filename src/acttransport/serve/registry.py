@@ -15,6 +15,7 @@ its per-request extension field, vLLM's ``SamplingParams.extra_args`` (OpenAI AP
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,8 @@ class Registry:
             lam = entry.tmap.config.strength
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise ConfigError(f"'{KEY_STRENGTH}' must be a number, got {lam!r}")
+        if not math.isfinite(lam):
+            raise ConfigError(f"'{KEY_STRENGTH}' must be a finite number, got {lam}")
         try:
             return name, check_strength(lam, entry.tmap.config.unbounded)
         except ConfigError:
