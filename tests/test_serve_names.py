@@ -86,3 +86,15 @@ def test_parse_maps_and_a_model_folder_vllm_refuses(tmp_path, monkeypatch):
     assert (out / "model.safetensors").read_bytes() == b"w"
     with pytest.raises(ConfigError, match="config.json"):
         vllm_model_dir(str(tmp_path / "missing"))
+
+
+def test_serve_refuses_parallel_ranks_up_front(tmp_path):
+    from acttransport.serve.server import serve_argv
+
+    argv = serve_argv(tmp_path, "127.0.0.1", 8000, "float32", "m", ["--max-model-len", "256"])
+    assert argv[argv.index("--load-format") + 1] == "acttransport" and "--enforce-eager" in argv
+    for extra in (["--tensor-parallel-size", "2"], ["-tp=2"], ["--pipeline-parallel-size", "4"]):
+        with pytest.raises(ConfigError, match="one device"):
+            serve_argv(tmp_path, "127.0.0.1", 8000, "float32", "m", extra)
+    with pytest.raises(ConfigError, match="set by acttransport serve"):
+        serve_argv(tmp_path, "127.0.0.1", 8000, "float32", "m", ["--load-format", "auto"])

