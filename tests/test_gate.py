@@ -321,3 +321,57 @@ def test_cli_fit_gate_generate_and_modules_report_it(tmp_path, capsys):
     assert "gate cosine on" in capsys.readouterr().out
     assert cli.main(fit + ["--gate", "probe", "--budget", "ppl=+5%"]) == 2
     assert "--gate with --budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- diffusion: per image, read at the first step
+
+
+def test_a_pipelines_gate_reads_each_image_at_the_first_step_and_closed_images_stay_bit_exact(tmp_path, capsys):
+    from acttransport.runners import DiffusionRunner
+    from tiny_pipelines import SIZE, tiny_sd
+
+    sd = tiny_sd(tmp_path / "sd")
+    shapes = ["circle", "square", "triangle", "cat", "dog", "house", "tree", "car", "boat", "bird"]
+    runner = DiffusionRunner(sd, num_inference_steps=3, guidance_scale=3.0, batch_size=5, **SIZE)
+    tmap = at.estimate(runner, source=[f"a red {s}" for s in shapes], target=[f"a {s} striped style" for s in shapes],
+                       modules="@all-norms", support="all", gate="probe", progress=False)
+    assert tmap.gate.module == tmap.modules[0] and tmap.gate.report["n_held"] == [3, 3]
+    prompts = ["a red circle", "a dog striped style", "a red boat", "a green tree"]
+
+    def draw():
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return sd(prompts, num_inference_steps=3, guidance_scale=3.0, generator=gens, output_type="pt", **SIZE).images
+
+    base = draw()
+    with at.steer(sd, tmap, 1.0):
+        draw()
+        scores = gate_history(sd)[0]["score"]
+    gate = tmap.gate.replace(threshold=float(scores.median()))  # a threshold inside this batch's scores: two open, two closed
+    with at.steer(sd, tmap.with_gate(gate), 1.0):
+        out, again = draw(), draw()
+        hist = gate_history(sd)
+    with at.steer(sd, tmap, 1.0, gate=False):
+        free = draw()
+    opened = hist[0]["open"]
+    assert len(hist) == 2 and torch.equal(hist[1]["open"], opened) and opened.tolist().count(1.0) == 2  # one read per call
+    assert torch.equal(out, again)
+    for i, o in enumerate(opened.tolist()):
+        assert torch.equal(out[i], free[i] if o else base[i]), i  # open: as ungated; closed: bit for bit unsteered
+        assert not torch.equal(free[i], base[i])
+    with pytest.raises(ConfigError, match="for causal LMs"), at.steer(sd, tmap, 1.0, gate="token"):
+        pass
+    late = tmap.with_gate(gate.replace(module=tmap.modules[1]))
+    with pytest.raises(ConfigError, match="ran before the gate's module"), at.steer(sd, late, 1.0):
+        draw()
+    # the CLI: fit --gate on a saved pipeline, images prints the gate per prompt
+    sd.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "s.txt").write_text("\n".join(f"a red {s}" for s in shapes) + "\n")
+    (tmp_path / "t.txt").write_text("\n".join(f"a {s} striped style" for s in shapes) + "\n")
+    run = ["--num-inference-steps", "2", "--height", str(SIZE["height"]), "--width", str(SIZE["width"])]
+    assert cli.main(["fit", str(tmp_path / "pipe"), "--source", str(tmp_path / "s.txt"), "--target", str(tmp_path / "t.txt"),
+                     "-o", str(tmp_path / "map"), "--modules", "@all-norms", "--support", "all", "--gate", "cosine", *run]) == 0
+    assert "gate cosine on unet." in capsys.readouterr().out and at.load(tmp_path / "map").gate.kind == "cosine"
+    assert cli.main(["images", str(tmp_path / "pipe"), "--map", str(tmp_path / "map"), "--prompt", "a red cat", "--per-prompt", "2",
+                     "-o", str(tmp_path / "grid.png"), *run]) == 0
+    out = capsys.readouterr().out
+    assert "gate open on" in out and "of 2 images of 'a red cat'" in out

@@ -1,4 +1,4 @@
-"""The gate at run time: reading it in a causal LM's forward pass, and the per-row weights it gives.
+"""The gate at run time: reading it in a forward pass, and the per-row weights it gives.
 
 One :class:`GateReader` per ``steer`` block. A forward pre-hook on the model reads the call's
 ``attention_mask`` (and ``cache_position``) to tell padding and whether the call starts a
@@ -14,6 +14,9 @@ its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
 The gate module must run before every mapped module in each forward pass (it usually is the
 first mapped module, read before its map acts); a mapped module that runs before the gate has
 been read in the current pass raises :class:`~acttransport.errors.ConfigError`.
+
+A diffusion pipeline has its own reader (:class:`ImageGateReader`): one value per image, read
+at the first denoising step and kept for the later ones.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ModuleMatchError
+from .runners.diffusion import read_timestep
+from .targets.layouts import pool
 from .targets.names import pick_output
 from .transport.gate import Gate
 
-__all__ = ["GateReader"]
+__all__ = ["GateReader", "ImageGateReader"]
 
 
 class GateReader:
@@ -138,3 +143,69 @@ class GateReader:
             raise ModuleMatchError(f"token-mode gating needs {spec}'s output to be [batch, tokens, units] with the gate module's "
                                    f"{v.shape[1]} tokens, got {tuple(x.shape)}; use gate='sequence'")
         return v[..., None]
+
+
+class ImageGateReader:
+    """The state of one gate within one ``steer`` block on a diffusion pipeline: per image, read
+    from the gate module's output at the first denoising step of each pipeline call (pooled over
+    positions; with classifier-free guidance from the conditional half) and kept for the call's
+    later steps, where it scales both halves of the image's rows.
+
+    A new pipeline call is recognised by its timestep: the denoiser's timesteps fall within one
+    call, so a timestep no smaller than the previous one starts a new call.
+
+    Args:
+        gate: the map's gate.
+        gated: the specs of the mapped modules it gates.
+        pipe: the pipeline (its ``do_classifier_free_guidance`` tells whether the batch is
+            ``[unconditional, conditional]``).
+
+    Attributes:
+        history: one entry per pipeline call, ``{"score": [B], "open": [B]}`` per image.
+    """
+
+    def __init__(self, gate: Gate, gated: list[str], pipe: Any) -> None:
+        self.gate, self.gated, self.pipe = gate, list(gated), pipe
+        self.prev: float | None = None
+        self.fresh = False  # a call has started and the gate has not been read in it yet
+        self.values: Tensor | None = None  # [B'] for the denoiser's batch (B' = 2B with guidance)
+        self.pending: set[str] = set()
+        self.history: list[dict[str, Tensor]] = []
+
+    def pre_denoiser(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (``with_kwargs=True``) on the denoiser: a new call at a non-falling timestep."""
+        t = read_timestep(module, args, kwargs)
+        if self.prev is None or t >= self.prev:
+            self.fresh, self.values = True, None
+        self.prev = t
+        self.pending = set(self.gated)
+
+    def read(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the gate's module: scores each image at a call's first step."""
+        if not self.fresh:
+            return
+        x = pick_output(output, self.gate.module)
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and x.shape[0] % 2 == 0
+        xc = x[x.shape[0] // 2 :] if cfg else x
+        if xc.ndim not in (3, 4) or xc.shape[1 if xc.ndim == 4 else -1] != self.gate.width:
+            raise ModuleMatchError(f"the gate was fitted on {self.gate.width} units of {self.gate.module}, whose output has shape {tuple(x.shape)}")
+        z = pool(xc, torch.ones(xc.shape[:2], device=xc.device) if xc.ndim == 3 else None, "mean")
+        score = self.gate.score(z)
+        opened = (score > self.gate.threshold).double()
+        self.history.append({"score": score.cpu(), "open": opened.cpu()})
+        self.values = opened.repeat(2) if cfg else opened
+        self.fresh = False
+
+    def weights(self, spec: str, x: Tensor) -> Tensor:
+        """The gate values ``[B', 1, ...]`` for mapped module ``spec``'s output ``x``.
+
+        Raises:
+            ConfigError: ``spec`` ran before the gate's module at a call's first step.
+        """
+        if self.fresh or self.values is None or spec not in self.pending:
+            raise ConfigError(f"{spec} ran before the gate's module {self.gate.module} in this denoising step; the gate must be read "
+                              "before the modules it gates: fit the gate on the earliest mapped module (the default) or an earlier one")
+        self.pending.discard(spec)
+        if self.values.shape[0] != x.shape[0]:
+            raise ModuleMatchError(f"{spec} got a batch of {x.shape[0]} rows but the gate read {self.values.shape[0]}")
+        return self.values.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))

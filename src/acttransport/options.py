@@ -78,7 +78,8 @@ class FitOptions:
             (logistic regression), ``ratio`` (per-unit Gaussian log-likelihood ratio) or
             ``cosine`` (CAST-style cosine to the difference of means), on the mean-pooled,
             unsteered output of ``gate_module`` for the same source and target inputs; a
-            quarter of each set is held out to calibrate its threshold. None: no gate. Causal LMs.
+            quarter of each set is held out to calibrate its threshold (a diffusion pipeline's gate
+            reads the first denoising step, per image). None: no gate.
         gate_rate: the share of held-out target inputs the calibrated gate may open on.
         gate_module: the module spec the gate reads; it must run no later than the first mapped
             module. None: the first mapped module in execution order.

@@ -6,7 +6,8 @@ step also gets a forward pre-hook on the denoiser that reads the call's timestep
 applies its own map.
 
 A map with a gate (``tmap.gate``) scales λ per row (or per token) by the gate's value, read
-from the gate's module in the same forward pass (:mod:`acttransport.gating`); causal LMs only.
+from the gate's module in the same forward pass (:mod:`acttransport.gating`); in a diffusion
+pipeline per image, at the first denoising step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .artifact import TransportMap, read_map
-from .gating import GateReader
+from .gating import GateReader, ImageGateReader
 from .transport.gate import GATE_MODES
 from .transport.maps import ModuleMap
 from .errors import ConfigError, MapFormatError
@@ -206,7 +207,8 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
             row i (or token t of row i) gets ``x + λᵢ·gᵢ·(T(x) − x)``, ``g`` ∈ {0, 1} read from
             the gate's module in the same forward pass (closed rows stay bit for bit); ``"sequence"``
             or ``"token"`` chooses the mode (see :mod:`acttransport.gating`); False steers every
-            input. :func:`gate_history` tells what the gate read. Causal LMs only.
+            input. A diffusion pipeline's gate gives one value per image, read at the first
+            denoising step. :func:`gate_history` tells what the gate read.
 
     Raises:
         ConfigError: bad strength or ``halves``, or the model is already being steered.
@@ -236,9 +238,12 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
     handles = []
     if rows is not None and (per_step or halves == "cond"):
         raise ConfigError("per-row strengths are for causal LMs; a diffusion pipeline takes one strength per call")
-    if mode is not None and (per_step or tmap.config.denoiser or denoiser_name(model) or not isinstance(model, nn.Module)):
-        raise ConfigError("gating is implemented for causal LMs; steer a diffusion pipeline with gate=False (the map ungated)")
-    reader = GateReader(tmap.gate, mode, tmap.modules) if mode is not None and (rows is not None or lam != 0.0) else None
+    pipeline = denoiser_name(model) is not None
+    if mode == "token" and pipeline:
+        raise ConfigError("gate='token' is for causal LMs; a diffusion pipeline's gate reads each image at the first denoising step (gate=True)")
+    reader: GateReader | ImageGateReader | None = None
+    if mode is not None and (rows is not None or lam != 0.0):
+        reader = ImageGateReader(tmap.gate, tmap.modules, model) if pipeline else GateReader(tmap.gate, mode, tmap.modules)
     if per_step or halves == "cond":
         den = tmap.config.denoiser or denoiser_name(model)
         if den is None:
@@ -252,9 +257,9 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
 
     def make(spec: str) -> Callable:
         steps, shared = per_step.get(spec), tmap.maps[spec]
-        if reader is not None:
+        if isinstance(reader, GateReader):
             return _gated_hook(spec, shared, lam if rows is None else rows, spatial, reader)
-        if steps is None and rows is None and halves != "cond":
+        if steps is None and rows is None and halves != "cond" and reader is None:
             return _plain_hook(spec, shared, lam, spatial)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -280,13 +285,19 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
                 new = torch.cat([x[:b], apply_map(x[b:], m, lam, spatial)])
             else:
                 new = apply_map(x, m, lam, spatial)
+            if reader is not None:  # a pipeline's gate: images whose gate is closed keep x bit for bit
+                new = torch.where(reader.weights(spec, x) != 0, new, x)
             return replace_output(output, spec, new)
 
         return hook
 
     try:
-        if reader is not None:
+        if isinstance(reader, ImageGateReader):
+            handles.append(get_module(root, tmap.config.denoiser or denoiser_name(model)).register_forward_pre_hook(reader.pre_denoiser,
+                                                                                                             with_kwargs=True))
+        elif reader is not None:
             handles.append(root.register_forward_pre_hook(reader.pre_forward, with_kwargs=True))
+        if reader is not None:
             handles += add_hooks(root, [tmap.gate.module], lambda spec: reader.read)  # before the maps' hooks: reads unsteered output
         handles += add_hooks(root, tmap.modules, make)
     except BaseException:

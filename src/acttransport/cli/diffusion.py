@@ -67,10 +67,12 @@ def fit_pipeline(a: argparse.Namespace, opts: Any) -> None:
     runner = DiffusionRunner(pipe, batch_size=opts.batch_size, **runner_kwargs(a))
     t0 = time.time()
     tmap = estimate(runner, source=source, target=target, data=f"source={a.source} ({len(source)} prompts), target={a.target} ({len(target)})", options=opts)
-    tmap = type(tmap)(tmap.maps, tmap.config.replace(model=a.model))
+    tmap = tmap.with_config(model=a.model)
     out = tmap.save(a.out)
     steps = f", {tmap.config.steps} step(s) x {runner.steps}" if tmap.config.steps else ""
     print(f"fitted {tmap.config.method} on {len(tmap.maps)} modules{steps} from {tmap.config.n_samples} prompt pairs in {time.time() - t0:.1f}s -> {out}")
+    if tmap.gate is not None:
+        print(tmap.gate.describe())
     for note in tmap.config.notes:
         print(f"  note: {note}")
 
@@ -78,7 +80,7 @@ def fit_pipeline(a: argparse.Namespace, opts: Any) -> None:
 def cmd_images(a: argparse.Namespace) -> None:
     """Renders a λ grid: one row per strength, one column per (prompt, image)."""
     from ..evaluate.tasks.images import generate_images, save_grid
-    from ..steer import check_strength, load, steer
+    from ..steer import check_strength, gate_history, load, steer
 
     prompts = list(a.prompt or []) + (read_lines(a.prompts) if a.prompts else [])
     if not prompts:
@@ -94,11 +96,17 @@ def cmd_images(a: argparse.Namespace) -> None:
     gen = dict(num_inference_steps=kw.pop("num_inference_steps"), guidance_scale=kw.pop("guidance_scale") or default_guidance(pipe),
                batch_size=a.batch_size)
     kw.pop("seed")
-    rows = []
+    rows, opened = [], []
     for lam in strengths:
-        with steer(pipe, tmap, lam, allow_unbounded=a.allow_unbounded, halves=a.halves):
+        with steer(pipe, tmap, lam, allow_unbounded=a.allow_unbounded, halves=a.halves, gate=not a.no_gate):
             rows.append((f"lambda={lam:g}", generate_images(pipe, cols, seeds, desc=f"λ={lam:g}", **gen, **kw)))
+            opened = opened or [v for h in gate_history(pipe) for v in h["open"].tolist()]  # per image, the same at every λ > 0
     path = save_grid(rows, Path(a.out), scale=a.scale)
+    if opened:
+        print(tmap.gate.describe())
+        for i, p in enumerate(prompts):
+            mine = opened[i * a.per_prompt : (i + 1) * a.per_prompt]
+            print(f"  gate open on {int(sum(mine))} of {len(mine)} images of {p!r}")
     print(f"grid of {len(strengths)} strengths x {len(cols)} images ({', '.join(map(repr, prompts[:3]))}{'...' if len(prompts) > 3 else ''}) -> {path}")
     if a.save_tensors:
         from ..evaluate.tasks.images import save_images
@@ -130,6 +138,7 @@ def add_diffusion_commands(sub: Any) -> None:
     g.add_argument("--halves", choices=["cond", "both"],
                    help="classifier-free guidance: steer the conditional half or both halves (default: what the map was fitted with)")
     g.add_argument("--allow-unbounded", action="store_true", help="allow strengths outside [0, 1]")
+    g.add_argument("--no-gate", action="store_true", help="steer every image even when the map has a gate")
     g.add_argument("--scale", type=int, default=4, help="pixels per image pixel in the PNG (default 4)")
     g.add_argument("--save-tensors", action="store_true", help="also write each row's images as safetensors beside the PNG")
     add_runner_arguments(g)

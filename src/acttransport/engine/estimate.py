@@ -166,7 +166,8 @@ def _gate_module(runner: Runner, sites: Sequence[Site], spec: str | None) -> str
 
 
 def _fit_gate(runner: Runner, source: list[str], target: list[str], module: str, opts: FitOptions) -> Gate:
-    """The gate of ``opts.gate`` on the unsteered mean-pooled output of ``module`` (one truncated pass)."""
+    """The gate of ``opts.gate`` on the unsteered mean-pooled output of ``module`` (one truncated
+    pass; in a diffusion pipeline at the first denoising step, the conditional half)."""
     acts = collect_sites(runner, source + target, [(module, 0)], "mean", stop_after=(module, 0), progress=False)[(module, 0)]
     return fit_gate(opts.gate, acts[: len(source)], acts[len(source) :], module, opts.gate_rate, opts.gate_mode, opts.seed)
 
@@ -221,7 +222,7 @@ def estimate(
         method, support, pooling, causal, condition, batch_size, max_length, seed, steps, spatial, halves, memory_budget:
             see FitOptions (``memory_budget="2GB"``: one decoder layer at a time, bounded memory, same maps).
         gate, gate_rate, gate_module, gate_mode: fit a gate with the map (``"probe"``, ``"ratio"``
-            or ``"cosine"``; causal LMs), read by :func:`~acttransport.steer` — see FitOptions and
+            or ``"cosine"``; a diffusion pipeline's gate reads the first denoising step), read by :func:`~acttransport.steer` — see FitOptions and
             :mod:`acttransport.transport.gate`. Its held-out AUC and opening rates are in
             ``tmap.gate.report``.
         data: a description of the data, stored in the config.
@@ -263,8 +264,6 @@ def estimate(
         n = len(source)
         gate_at = None
         if opts.gate is not None:
-            if n_steps > 1 or getattr(runner, "denoiser", None) or runner.repeated:
-                raise ConfigError("gates are fitted for causal LMs; fit a diffusion pipeline's map without a gate")
             if g is not None:
                 raise ConfigError("a gate is fitted in one process; run estimate with a gate without torchrun")
             gate_at = _gate_module(runner, sites, opts.gate_module)
