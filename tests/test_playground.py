@@ -5,6 +5,7 @@ and bad input answered with the library's one-line message."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -54,10 +55,10 @@ def client(url):
     return Client(url, verbose=False)
 
 
-def fit(c, name, kind="text", source=None, target=None, support="(method default)", pattern=""):
+def fit(c, name, kind="text", source=None, target=None, support="(method default)", pattern="", gate="(none)"):
     source = source if source is not None else sentences(12, 2, 100, seed=1)
     target = target if target is not None else sentences(12, 150, 300, seed=2)
-    return c.predict(kind, "\n".join(source), None, "\n".join(target), None, "linear", pattern, support, 1.0, 64, name, api_name="/fit")
+    return c.predict(kind, "\n".join(source), None, "\n".join(target), None, "linear", pattern, support, 1.0, 64, name, gate, api_name="/fit")
 
 
 def generate(c, name, lam, prompt=PROMPT, **kw):
@@ -106,6 +107,23 @@ def test_continuations_stream_token_by_token_unsteered_first(server):
     assert len(set(growing_plain)) >= 6 and len(set(growing_steered)) >= 6  # many partial texts of each, not one final text
     assert all(plain.startswith(p) for p in growing_plain) and all(steered.startswith(s) for s in growing_steered)
     assert all(p == plain for p, s in updates if s)  # the steered side starts once the unsteered one is complete
+
+
+def test_a_gated_map_shows_what_its_gate_read_per_continuation(server):
+    url, _ = server
+    c = client(url)
+    status = fit(c, "gated", source=sentences(40, 2, 100, seed=7), target=sentences(40, 150, 300, seed=8), gate="probe")[0]
+    assert "gate probe on " in status and "AUC" in status
+    values = set()
+    for prompt in sentences(8, 2, 100, seed=9) + sentences(4, 150, 300, seed=10):
+        plain, steered, _, score = generate(c, "gated", 1.0, prompt=prompt)
+        value = re.search(r"\*\*gate\*\* ([01]) \((open|closed) on the prompt, score (-?[0-9.]+)", score)
+        assert value, score
+        values.add(value.group(1))
+        assert (value.group(2) == "open") == (value.group(1) == "1")
+        if value.group(1) == "1":
+            assert steered != plain  # an open gate steers
+    assert values == {"0", "1"}  # the tiny model's gate is weak (AUC ~0.7), but it opens on some prompts and not on others
 
 
 def test_every_session_starts_with_the_maps_given_at_launch(server):

@@ -8,6 +8,7 @@ hooks are global to a model. Bad input ends in ``gr.Error`` with the library's o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable
@@ -185,18 +186,18 @@ def build_app(pg: Playground) -> Any:
         return [[s, w] for s, w in module_widths(pg, kind, pattern)]
 
     def do_fit(maps: dict, kind: str, src: str, src_file: Any, tgt: str, tgt_file: Any, method: str, pattern: str, support: str,
-               lam: float, n: float, name: str, progress: Any = gr.Progress(track_tqdm=True)) -> tuple[Any, ...]:
+               lam: float, n: float, name: str, gate: str, progress: Any = gr.Progress(track_tqdm=True)) -> tuple[Any, ...]:
         source, target = parse_lines(src, src_file), parse_lines(tgt, tgt_file)
         hold = kind == "text" and min(len(source), len(target)) >= 8  # a quarter held out for the diagnostics
         fit_s, fit_t = (source[len(source) // 4:], target[len(target) // 4:]) if hold else (source, target)
         progress(0, desc="fitting")
         tmap = fit_map(pg, kind, fit_s, fit_t, method, pattern, None if support == "(method default)" else support, lam,
-                       int(n) if n else None)
+                       int(n) if n else None, gate=None if gate == NONE else gate)
         fig, diag_note = None, "diagnostics: text maps only"
         if kind == "text":
             progress(0.9, desc="diagnostics")
             diag = diagnose_map(pg, tmap, source[: len(source) // 4] if hold else source, target[: len(target) // 4] if hold else target, hold)
-            tmap = TransportMap(tmap.maps, tmap.config.replace(diagnostics=diag))
+            tmap = dataclasses.replace(tmap, config=tmap.config.replace(diagnostics=diag))  # keeps a gate
             fig = diagnostics_figure(diag)
             from ..diagnose import summarize
 
@@ -206,6 +207,8 @@ def build_app(pg: Playground) -> Any:
         maps[kind][key] = tmap
         status = (f"fitted **{key}**: {tmap.config.method} on {len(tmap.maps)} modules from {tmap.config.n_samples} pairs "
                   f"(support {tmap.config.support}, default λ {tmap.config.strength:g}); select it in the {kind.title()} tab.\n\n{diag_note}")
+        if getattr(tmap, "gate", None) is not None:
+            status += f"\n\n{tmap.gate.describe()}"
         return (maps, status, fig, key, *_choices(maps))
 
     def do_save(maps: dict, kind: str, name: str, folder: str) -> str:
@@ -290,6 +293,7 @@ def build_app(pg: Playground) -> Any:
                     method = gr.Dropdown(sorted(METHODS), value="linear", label="method")
                     support = gr.Dropdown(["(method default)", "observed", "all", "quantile:0.01"], value="(method default)", label="support")
                     fit_lam = gr.Slider(0, 1, value=1.0, step=0.05, label="default λ of the map")
+                    gate = gr.Dropdown([NONE, "probe", "ratio", "cosine"], value=NONE, label="gate (steer only source-like inputs)")
                     name = gr.Textbox("my-map", label="map name", elem_id="fit-name")
                 with gr.Row():
                     pattern = gr.Textbox(label="modules: patterns or @preset (blank: the architecture's default)", scale=4, elem_id="fit-modules")
@@ -312,7 +316,7 @@ def build_app(pg: Playground) -> Any:
         grid_btn.click(_guard(do_grid), [maps, prompts, im_map, strengths, per_prompt, im_seed], grid_img, api_name="grid", **q)
         dataset.change(_guard(do_dataset), [dataset, n_max], [src, tgt, kind, support], api_name="dataset")
         list_btn.click(_guard(do_modules), [kind, pattern], table, api_name="modules", **q)
-        fit_btn.click(_guard(do_fit), [maps, kind, src, src_file, tgt, tgt_file, method, pattern, support, fit_lam, n_max, name],
+        fit_btn.click(_guard(do_fit), [maps, kind, src, src_file, tgt, tgt_file, method, pattern, support, fit_lam, n_max, name, gate],
                       [maps, fit_msg, plot, name, *drops], api_name="fit", **q)
         save_btn.click(_guard(do_save), [maps, kind, name, save_dir], save_msg, api_name="save_map")
     return demo

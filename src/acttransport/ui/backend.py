@@ -14,6 +14,7 @@ So whatever the page can do, a script can do::
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,8 +193,10 @@ def compose_selected(maps: Sequence[tuple[TransportMap, float]]) -> tuple[Transp
 
 
 def fit_map(pg: Playground, kind: str, source: Sequence[str], target: Sequence[str], method: str = "linear", modules: str | None = None,
-            support: str | None = None, strength: float = 1.0, max_samples: int | None = None, data: str = "", progress: bool = True) -> TransportMap:
-    """Fits a map on the text model or the pipeline (through :func:`acttransport.estimate`).
+            support: str | None = None, strength: float = 1.0, max_samples: int | None = None, data: str = "", progress: bool = True,
+            gate: str | None = None) -> TransportMap:
+    """Fits a map on the text model or the pipeline (through :func:`acttransport.estimate`);
+    ``gate`` (``"probe"``, ``"ratio"``, ``"cosine"``) fits a gate with it.
 
     Raises:
         DataError: a list is empty.
@@ -210,6 +213,8 @@ def fit_map(pg: Playground, kind: str, source: Sequence[str], target: Sequence[s
     obj = pg.target(kind)
     kw: dict[str, Any] = dict(method=method or None, modules=split_patterns(modules), support=support or None,
                               data=data or f"{len(source)} source / {len(target)} target lines from the playground", progress=progress)
+    if gate:
+        kw["gate"] = gate
     with pg.lock:
         if kind == "image":
             from ..runners import DiffusionRunner
@@ -221,7 +226,7 @@ def fit_map(pg: Playground, kind: str, source: Sequence[str], target: Sequence[s
     from ..steer import check_strength
 
     lam = check_strength(strength, tmap.config.unbounded)
-    return TransportMap(tmap.maps, tmap.config.replace(model=pg.model_id if kind == "text" else pg.pipe_id, strength=lam))
+    return dataclasses.replace(tmap, config=tmap.config.replace(model=pg.model_id if kind == "text" else pg.pipe_id, strength=lam))  # keeps a gate
 
 
 def _generate_kwargs(tok: Any, sampling: Sampling) -> dict[str, Any]:
@@ -328,6 +333,7 @@ def gate_reading(tmap: TransportMap | None, model: Any = None) -> str:
     if history:
         first = history[0]
         value, score = float(first["open"][0]), float(first["score"][0])
-        return f"**gate** {value:g} ({'open' if value else 'closed'}; score {score:.3g})"
+        tokens = f"; open on {int(first['open_tokens'][0])} of {int(first['tokens'][0])} generated tokens" if "tokens" in first else ""
+        return f"**gate** {value:g} ({'open' if value else 'closed'} on the prompt, score {score:.3g}{tokens})"
     describe: Callable[[], str] | None = getattr(gate, "describe", None)
     return f"**gate**: {describe() if callable(describe) else type(gate).__name__}"
