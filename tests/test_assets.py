@@ -158,9 +158,12 @@ def test_missing_package_names_install_command(monkeypatch, tmp_path, module, ca
 
 
 def test_embedded_model_table():
-    assert set(assets.EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"}
+    assert set(assets.EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-1.5b"}
     for alias, info in assets.EMBEDDED_MODELS.items():
         assert info.alias == alias and all("==" in r for r in info.requirements)
+        assert not info.parts or len(info.parts) == len(info.requirements)  # one wheel per part, in order
+    big = assets.EMBEDDED_MODELS["qwen2.5-1.5b"]
+    assert big.size == 1_117_320_768 and len(big.sha256) == 64 and big.make_target == "assets-large"
 
 
 def test_gguf_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):

