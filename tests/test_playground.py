@@ -126,6 +126,24 @@ def test_a_gated_map_shows_what_its_gate_read_per_continuation(server):
     assert values == {"0", "1"}  # the tiny model's gate is weak (AUC ~0.7), but it opens on some prompts and not on others
 
 
+def test_two_maps_are_composed_each_at_its_own_lambda(server):
+    url, _ = server
+    c = client(url)
+    fit(c, "a", support="all")
+    fit(c, "b", support="all", source=sentences(12, 2, 60, seed=3), target=sentences(12, 200, 300, seed=4))
+    args = (0, 12, True, 1.0, 0.3, 1.2)
+    alone = c.predict(PROMPT, "a", 1.0, "(none)", 1.0, *args, api_name="/generate")
+    with_b_off = c.predict(PROMPT, "a", 1.0, "b", 0.0, *args, api_name="/generate")
+    both_off = c.predict(PROMPT, "a", 0.0, "b", 0.0, *args, api_name="/generate")
+    both_on = c.predict(PROMPT, "a", 1.0, "b", 1.0, *args, api_name="/generate")
+    assert with_b_off[1] == alone[1] != alone[0]  # b at λ = 0 composes as the identity
+    assert both_off[1] == both_off[0]  # both at λ = 0: the unsteered model
+    assert both_on[1] not in (alone[1], both_on[0])
+    fit(c, "observed")  # support observed: a bounded map does not compose
+    with pytest.raises(Exception, match="cannot be steered together.*support='all'.*select one map"):
+        c.predict(PROMPT, "a", 1.0, "observed", 1.0, *args, api_name="/generate")
+
+
 def test_every_session_starts_with_the_maps_given_at_launch(server):
     url, _ = server
     plain, steered, _, _ = generate(client(url), "preloaded", 1.0)

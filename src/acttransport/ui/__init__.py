@@ -14,7 +14,17 @@ from .backend import KINDS, Playground, compose_selected, fit_map, load_map, par
 from .views import draw_grid, draw_pair, module_widths, readings
 
 __all__ = ["KINDS", "Playground", "compose_selected", "draw_grid", "draw_pair", "fit_map", "launch", "load_map", "module_widths",
-           "parse_lines", "readings", "score_texts", "stream_pair"]
+           "parse_lines", "readings", "require_gradio", "score_texts", "stream_pair"]
+
+
+def require_gradio() -> None:
+    """Raises ConfigError (with the install command) when Gradio is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("the playground needs Gradio: pip install 'acttransport[ui]'")
 
 
 def launch(pg: Playground, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False) -> Any:
@@ -30,12 +40,7 @@ def launch(pg: Playground, host: str = "127.0.0.1", port: int = 7860, block: boo
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing is sent anywhere
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        from ..errors import ConfigError
-
-        raise ConfigError("the playground needs Gradio: pip install 'acttransport[ui]'") from None
+    require_gradio()
     from .app import build_app
 
     demo = build_app(pg)

@@ -11,8 +11,9 @@ __all__ = ["add_playground_command", "cmd_playground"]
 def cmd_playground(a: argparse.Namespace) -> None:
     """Loads the model, the pipeline and the maps, then serves the page until interrupted."""
     from ..assets import is_pipeline_name
-    from . import Playground, launch
+    from . import Playground, launch, require_gradio
 
+    require_gradio()  # before the models load
     model, pipe = a.model, a.pipeline
     if model and (is_pipeline_name(model) or a.model_is_pipeline):  # the positional names a pipeline: it replaces the default one
         model, pipe = "smollm2-135m", model
