@@ -185,6 +185,16 @@ def test_unsteered_and_lambda0_equal_plain_vllm(mixed, hf, tmp_path):
     assert [toks for _, toks in rows] == [p["tokens"] for p in plain]
 
 
+def test_a_shared_long_prefix_is_not_reused_across_maps(server, maps, hf):
+    """A steered request whose prompt prefix an unsteered one computed just before (several KV
+    blocks) still agrees with hooks: a reused prefix would carry the unsteered activations."""
+    client, _ = server
+    ids = (_ids(hf[1], " ".join(POS + NEG)) * 3)[:160]
+    _complete(client, ids + [13], None)
+    got = _complete(client, ids, ("kind", 1.0))
+    assert _agreement(got, _hooked(hf, maps[0]["kind"], 1.0, ids)) < LOGPROB_TOL
+
+
 def test_bad_requests_get_400_and_others_are_served(server, mixed):
     import openai
 

