@@ -144,6 +144,37 @@ def test_two_maps_are_composed_each_at_its_own_lambda(server):
         c.predict(PROMPT, "a", 1.0, "observed", 1.0, *args, api_name="/generate")
 
 
+def test_concurrent_sessions_queue_and_do_not_steer_each_other(server):
+    url, _ = server
+    a, b = client(url), client(url)
+    fit(a, "tox")
+    alone_a, alone_b = generate(a, "tox", 1.0), generate(b, "(none)", 1.0)
+    jobs = [a.submit(PROMPT, "tox", 1.0, "(none)", 1.0, 0, 12, True, 1.0, 0.3, 1.2, api_name="/generate"),
+            b.submit(PROMPT, "(none)", 1.0, "(none)", 1.0, 0, 12, True, 1.0, 0.3, 1.2, api_name="/generate")]
+    jobs += [b.submit(PROMPT, "(none)", 1.0, "(none)", 1.0, 0, 12, True, 1.0, 0.3, 1.2, api_name="/generate")]
+    results = [j.result() for j in jobs]
+    assert results[0][:2] == alone_a[:2] and results[1][:2] == results[2][:2] == alone_b[:2]
+    assert alone_b[1] == "" and alone_b[0] == reference(server[1])  # b has no map: nothing of a's steering reached it
+
+
+def test_lists_can_be_uploaded_as_files(server, tmp_path):
+    from gradio_client import handle_file
+
+    url, _ = server
+    (tmp_path / "src.txt").write_text("\n".join(sentences(12, 2, 100, seed=1)) + "\n\n")
+    (tmp_path / "tgt.jsonl").write_text("\n".join(f'{{"text": "{t}"}}' for t in sentences(12, 150, 300, seed=2)))
+    c = client(url)
+    status = c.predict("text", "", handle_file(str(tmp_path / "src.txt")), "", handle_file(str(tmp_path / "tgt.jsonl")), "linear", "",
+                       "(method default)", 1.0, 64, "uploaded", "(none)", api_name="/fit")[0]
+    assert "fitted **uploaded**" in status and "from 9 pairs" in status
+    fit(c, "pasted")  # the same lines pasted: the same map, the same continuation
+    assert generate(c, "uploaded", 1.0)[:2] == generate(c, "pasted", 1.0)[:2]
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(Exception, match="must be a JSON object with a 'text' field"):
+        c.predict("text", "", handle_file(str(tmp_path / "bad.jsonl")), "a", None, "linear", "", "(method default)", 1.0, 64, "x", "(none)",
+                  api_name="/fit")
+
+
 def test_every_session_starts_with_the_maps_given_at_launch(server):
     url, _ = server
     plain, steered, _, _ = generate(client(url), "preloaded", 1.0)
