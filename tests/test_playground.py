@@ -191,7 +191,7 @@ def test_sampling_is_seeded_and_the_map_changes_only_the_steered_side(server):
     assert a[:2] == b[:2] and a[0] == z[0] == z[1] and a[1] != a[0]
 
 
-def test_image_tab_draws_pairs_with_the_toy_judge_and_the_lambda_grid(server):
+def test_image_tab_draws_pairs_with_the_toy_judge_and_the_lambda_grid(server, tmp_path):
     url, _ = server
     c = client(url)
     captions = ["a red circle", "a blue square", "a green triangle"]
@@ -202,6 +202,9 @@ def test_image_tab_draws_pairs_with_the_toy_judge_and_the_lambda_grid(server):
     styles = ("plain", "striped", "dotted", "outline")
     assert all(item["caption"].startswith(styles) for item in plain + steered)  # the toy judge's reading under each image
     assert read_plain.startswith("toy judge: ") and "shape as asked" in read_plain and "/4" in read_steered
+    assert "saved striped" in c.predict("image", "striped", str(tmp_path / "striped"), api_name="/save_map")
+    msg, *drops = client(url).predict(str(tmp_path / "striped"), api_name="/load_map")  # another session
+    assert "loaded the image map **striped**" in msg and drops[2]["value"] == "striped"
     from PIL import Image
 
     grid = c.predict("a red circle", "striped", "0,0.5,1", 2, 0, api_name="/grid")
@@ -225,7 +228,7 @@ def test_maps_belong_to_their_session_and_round_trip_through_a_folder(server, tm
         generate(b, "mine", 1.0)
     assert "saved mine" in a.predict("text", "mine", str(tmp_path / "mine"), api_name="/save_map")
     msg, *drops = b.predict(str(tmp_path / "mine"), api_name="/load_map")
-    assert "loaded a text map" in msg and drops[0]["value"] == "mine"
+    assert "loaded the text map **mine**" in msg and drops[0]["value"] == "mine"
     assert generate(b, "mine", 1.0)[:2] == generate(a, "mine", 1.0)[:2]
 
 

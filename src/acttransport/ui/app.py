@@ -131,8 +131,9 @@ def build_app(pg: Playground) -> Any:
         from pathlib import Path
 
         maps = {k: dict(v) for k, v in maps.items()}
-        maps[kind][Path(folder.strip()).name or "map"] = tmap
-        return (maps, f"loaded a {kind} map: {tmap!r}", *_choices(maps))
+        name = Path(folder.strip()).name or "map"
+        maps[kind][name] = tmap
+        return (maps, f"loaded the {kind} map **{name}**: {tmap!r}", *_choices(maps))
 
     def do_generate(maps: dict, prompt: str, m1: str, l1: float, m2: str, l2: float, seed: float, max_new: float, greedy: bool,
                     temperature: float, top_p: float, penalty: float) -> Any:

@@ -25,7 +25,7 @@ import torch
 from ..artifact import TransportMap, compose
 from ..engine import estimate
 from ..errors import ActTransportError, ConfigError, DataError, MapFormatError
-from ..steer import load, steer
+from ..steer import check_fits, load, steer
 from ..generation import NucleusFilter, Sampling
 
 __all__ = ["KINDS", "Playground", "compose_selected", "fit_map", "gate_reading", "load_map", "parse_lines", "score_texts", "split_patterns", "stream_pair"]
@@ -150,25 +150,21 @@ def load_map(pg: Playground, directory: str) -> tuple[str, TransportMap]:
     """
     if not directory or not str(directory).strip():
         raise MapFormatError("give the folder of a map (written by `acttransport fit` or the Fit tab's Save)")
+    folder = str(directory).strip()
+    tmap = load(folder)  # no map, or a corrupt one: MapFormatError with the library's message
     last: ActTransportError | None = None
     for kind in KINDS:
         obj = pg.model if kind == "text" else pg.pipe
         if obj is None:
             continue
         try:
-            return kind, load(str(directory).strip(), model=obj)
-        except MapFormatError as e:
-            if "not found" in str(e) or "corrupt" in str(e) or "not an acttransport" in str(e):
-                raise
-            last = e
-        except ActTransportError as e:  # a module the model lacks
+            check_fits(obj, tmap)
+            return kind, tmap
+        except ActTransportError as e:  # a module the model lacks, or another width
             last = e
     if last is None:
         raise ConfigError("this playground has neither a text model nor a pipeline to load a map for")
-    from ..artifact import read_map
-
-    fitted = read_map(str(directory).strip()).config.model
-    raise MapFormatError(f"{directory}: this map does not fit the playground's models (it was fitted on {fitted!r}: {last}); "
+    raise MapFormatError(f"{folder}: this map does not fit the playground's models (it was fitted on {tmap.config.model!r}: {last}); "
                          "load a map fitted on this model, or start the playground with the model the map was fitted on")
 
 
