@@ -46,10 +46,10 @@ def test_joined_parts_are_checked(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 60)
     with pytest.raises(AssetError, match="64 bytes, not 1,117,320,768.*make assets-large"):
-        asset_models._check_joined(INFO, bad)
+        asset_models.check_joined(INFO, bad)
     with pytest.raises(AssetError, match="sha256.*corrupt"):
-        asset_models._check_joined(replace(INFO, size=64), bad)
-    asset_models._check_joined(replace(INFO, size=64, sha256=__import__("hashlib").sha256(bad.read_bytes()).hexdigest()), bad)
+        asset_models.check_joined(replace(INFO, size=64), bad)
+    asset_models.check_joined(replace(INFO, size=64, sha256=__import__("hashlib").sha256(bad.read_bytes()).hexdigest()), bad)
 
 
 @pytest.mark.slow

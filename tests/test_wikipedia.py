@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from acttransport.assets import wikipedia as wiki
-from acttransport.errors import ConfigError
+from acttransport.errors import AssetError, ConfigError
 
 ARTICLE = """{{Infobox country|name=Testland|capital=[[Test City]]}}
 '''Testland''' is a small country in [[Europe|western Europe]] with a long coastline.<ref>{{cite web|url=http://x.org|title=X}}</ref> Its capital is [[Test City]], which lies on the river Test.
@@ -61,31 +62,33 @@ def test_split_is_by_article_and_stable(parsed):
     assert 0.1 < len(parsed["eval"]) / (len(parsed["eval"]) + len(parsed["rest"])) < 0.35  # one article in five
     # the split is a hash of the title (the same on every machine and run), and the cached
     # sentences are what cleaning the article anew gives
-    assert wiki._split_of("Anarchism") == wiki._split_of("Anarchism") and {wiki._split_of(f"t{i}") for i in range(20)} == {"eval", "rest"}
-    from acttransport.assets.files import asset_file
-
-    articles = wiki._articles(asset_file(*wiki._GENSIM, *wiki._DUMP))
+    assert wiki.article_split("Anarchism") == wiki.article_split("Anarchism") and {wiki.article_split(f"t{i}") for i in range(20)} == {"eval", "rest"}
+    articles = wiki.read_articles()
     assert len(articles) > 100 and articles[0][0] == "Anarchism"
     for title, text in articles[:6]:
         own = wiki.clean_article(text)
-        assert own and set(own) <= set(parsed[wiki._split_of(title)]), title
+        assert own and set(own) <= set(parsed[wiki.article_split(title)]), title
     assert wiki.load_wikipedia(50, seed=3) == wiki.load_wikipedia(50, seed=3) != wiki.load_wikipedia(50, seed=4)
     assert set(wiki.load_wikipedia(50, seed=3)) <= set(parsed["eval"])
 
 
 def test_unreadable_cache_is_rebuilt(parsed, tmp_path, monkeypatch):
     monkeypatch.setenv("ACTTRANSPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(wiki, "_articles", lambda path: [("Anarchism", ARTICLE)])  # quick: one article
-    cache = tmp_path / "wikipedia" / f"sentences-v{wiki._VERSION}.json"
+    monkeypatch.setattr(wiki, "read_articles", lambda: [("Anarchism", ARTICLE)])  # quick: one article
+    cache = wiki.cache_file()
+    assert cache.is_relative_to(tmp_path)
     cache.parent.mkdir(parents=True)
     cache.write_text("{half a fil")
-    monkeypatch.setattr(wiki, "_split_of", lambda title: "eval")
-    with pytest.raises(Exception, match="no sentences"):  # 'rest' would be empty: refused, not cached
+    monkeypatch.setattr(wiki, "article_split", lambda title: "eval")
+    with pytest.raises(AssetError, match="no sentences"):  # 'rest' would be empty: refused, not cached
         wiki.load_wikipedia(split="eval")
-    monkeypatch.setattr(wiki, "_articles", lambda path: [("A", ARTICLE), ("B", ARTICLE)])
-    monkeypatch.setattr(wiki, "_split_of", lambda title: "eval" if title == "A" else "rest")
+    assert cache.read_text() == "{half a fil"
+    monkeypatch.setattr(wiki, "read_articles", lambda: [("A", ARTICLE), ("B", ARTICLE)])
+    monkeypatch.setattr(wiki, "article_split", lambda title: "eval" if title == "A" else "rest")
     assert wiki.load_wikipedia(split="eval") == wiki.clean_article(ARTICLE)
-    assert cache.is_file() and wiki._parsed()["rest"] == wiki.clean_article(ARTICLE)
+    assert json.loads(cache.read_text())["rest"] == wiki.clean_article(ARTICLE)
+    monkeypatch.setattr(wiki, "read_articles", lambda: pytest.fail("parsed again although cached"))
+    assert wiki.load_wikipedia(split="rest") == wiki.clean_article(ARTICLE)
 
 
 @pytest.mark.parametrize("kw", [dict(split="train"), dict(n=0), dict(n=10**6), dict(n=2.5), dict(n=True)])

