@@ -248,6 +248,10 @@ def test_bad_input_answers_with_the_one_line_message(server, tmp_path):
         c.predict(str(tmp_path / "other"), api_name="/load_map")
     with pytest.raises(AppError, match="the prompt is empty"):
         generate(c, "(none)", 1.0, prompt="  ")
+    with pytest.raises(AppError, match="new tokens must be between 1 and 512"):
+        generate(c, "(none)", 1.0, max_new=100_000)
+    with pytest.raises(AppError, match="at most 64 images in all"):
+        c.predict("a red circle\na blue square", "(none)", 1.0, 40, 0, api_name="/draw")
     with pytest.raises(AppError, match="matches nothing|matched nothing|no module"):
         c.predict("text", "nothing\\.here", api_name="/modules")
     captions = ["a red circle", "a blue square"]

@@ -151,7 +151,7 @@ def build_app(pg: Playground) -> Any:
         tmap, lam = _selected(maps, "image", [(name, lam)])
         lines = parse_lines(prompts)
         plain, steered = draw_pair(pg, tmap, lines, lam, int(seed), int(per_prompt))
-        cols = [p for p in lines for _ in range(max(1, int(per_prompt)))]
+        cols = [p for p in lines for _ in range(int(per_prompt))]
 
         def gallery(imgs: Any) -> tuple[list, str]:
             if imgs is None:

@@ -28,10 +28,12 @@ from ..errors import ActTransportError, ConfigError, DataError, MapFormatError
 from ..steer import check_fits, load, steer
 from ..generation import NucleusFilter, Sampling
 
-__all__ = ["KINDS", "Playground", "compose_selected", "fit_map", "gate_reading", "load_map", "parse_lines", "score_texts", "split_patterns", "stream_pair"]
+__all__ = ["KINDS", "MAX_NEW_TOKENS", "Playground", "compose_selected", "fit_map", "gate_reading", "load_map", "parse_lines", "score_texts", "split_patterns", "stream_pair"]
 
 #: What a map steers: the text model or the image pipeline.
 KINDS = ("text", "image")
+#: The most tokens one continuation of the page may ask for (every session waits in one queue).
+MAX_NEW_TOKENS = 512
 
 
 @dataclass
@@ -290,6 +292,9 @@ def stream_pair(pg: Playground, tmap: TransportMap | None, prompt: str, strength
     """
     if not prompt or not prompt.strip():
         raise DataError("the prompt is empty; type a prompt to continue")
+    if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:  # one request must not hold the shared queue for long
+        raise ConfigError(f"new tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}; "
+                          "for longer continuations use `acttransport generate` or acttransport.steer in a script")
     model = pg.target("text")
     sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), not greedy)
     plain = ""

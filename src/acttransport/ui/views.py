@@ -21,18 +21,26 @@ from ..steer import check_strength, steer
 from ..targets import match_modules
 from .backend import Playground, split_patterns
 
-__all__ = ["PROBE", "caption_of", "diagnose_map", "diagnostics_figure", "draw_pair", "draw_grid", "module_widths", "parse_strengths", "readings",
+__all__ = ["MAX_IMAGES", "PROBE", "caption_of", "diagnose_map", "diagnostics_figure", "draw_pair", "draw_grid", "module_widths", "parse_strengths", "readings",
            "summary", "to_pil"]
 
 #: What the dry run feeds each kind of model to read the widths.
 PROBE = {"text": ["The quick brown fox jumps over the lazy dog"], "image": ["a red circle"]}
 
 
-def _prompts(prompts: Sequence[str]) -> list[str]:
+#: The most images one click of the page may draw (every session waits in one queue).
+MAX_IMAGES = 64
+
+
+def _columns(prompts: Sequence[str], per_prompt: int) -> list[str]:
+    """Each prompt ``per_prompt`` times, checked: some prompts, at most :data:`MAX_IMAGES` images."""
     out = [p.strip() for p in prompts if p and p.strip()]
     if not out:
         raise DataError("no prompts; type one prompt per line")
-    return out
+    if int(per_prompt) < 1 or len(out) * int(per_prompt) > MAX_IMAGES:
+        raise ConfigError(f"{len(out)} prompt(s) x {per_prompt} image(s) each: give at least one image per prompt and at most {MAX_IMAGES} "
+                          "images in all (for more, use `acttransport images`)")
+    return [p for p in out for _ in range(int(per_prompt))]
 
 
 def _generate(pg: Playground, tmap: TransportMap | None, lam: float, prompts: list[str], seeds: list[int]) -> Tensor:
@@ -53,7 +61,7 @@ def draw_pair(pg: Playground, tmap: TransportMap | None, prompts: Sequence[str],
         ``([N, 3, H, W], [N, 3, H, W] or None without a map)`` in [0, 1], ``N = len(prompts) * per_prompt``.
     """
     pg.target("image")
-    cols = [p for p in _prompts(prompts) for _ in range(max(1, int(per_prompt)))]
+    cols = _columns(prompts, per_prompt)
     seeds = [int(seed) + k for k in range(len(cols))]
     with pg.lock:
         plain = _generate(pg, None, 0.0, cols, seeds)
@@ -88,7 +96,7 @@ def draw_grid(pg: Playground, tmap: TransportMap, prompts: Sequence[str], streng
     from ..evaluate.tasks.images import save_grid
 
     pg.target("image")
-    cols = [p for p in _prompts(prompts) for _ in range(max(1, int(per_prompt)))]
+    cols = _columns(prompts, per_prompt)
     seeds = [int(seed) + k for k in range(len(cols))]
     rows = []
     with pg.lock:
