@@ -1,6 +1,8 @@
 """Tiny randomly initialised diffusers pipelines of the real classes, built in milliseconds:
-Stable Diffusion (UNet2DConditionModel + AutoencoderKL + CLIP) and Stable Diffusion 3
-(SD3Transformer2DModel, dual-stream blocks, two CLIP encoders, no T5)."""
+Stable Diffusion (UNet2DConditionModel + AutoencoderKL + CLIP), Stable Diffusion 3
+(SD3Transformer2DModel, dual-stream blocks, two CLIP encoders, no T5), SDXL, FLUX
+(FluxTransformer2DModel: dual- and single-stream blocks, CLIP + T5) and PixArt-Σ
+(PixArtTransformer2DModel, T5, cross-attention to the text)."""
 
 from __future__ import annotations
 
@@ -92,5 +94,57 @@ def tiny_sdxl(folder: Path, seed: int = 0):
                                 addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16).eval()
     pipe = StableDiffusionXLPipeline(vae=_vae(seed + 1), text_encoder=_clip(tok, seed + 2), text_encoder_2=_clip(tok, seed + 3, True),
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def t5_tokenizer():
+    """A real T5Tokenizer (a Unigram model built offline): every word of WORDS whole, anything else in letters."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,.\u2581"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _t5(tok, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval()
+
+
+#: FLUX's T5 prompt length in the tiny pipeline (the real one pads to 512 tokens).
+FLUX_KW = {**SIZE, "max_sequence_length": 16}
+#: PixArt: no resolution binning (its bins are for 256..2048-pixel images), no caption cleaning.
+PIXART_KW = {**SIZE, "use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16}
+
+
+def tiny_flux(folder: Path, seed: int = 0):
+    """A FluxPipeline with one dual-stream and two single-stream blocks (both kinds return
+    ``(text, image)`` tuples); images 16×16 are 16 packed latent tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok = clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 1), text_encoder=_clip(tok, seed + 2), tokenizer=tok,
+                        text_encoder_2=_t5(t5_tokenizer(), seed + 3), tokenizer_2=t5_tokenizer(), transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart(folder: Path, seed: int = 0):
+    """A PixArtSigmaPipeline with a 2-block PixArtTransformer2DModel (blocks return image tokens only)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+                                  patch_size=2, cross_attention_dim=16, caption_channels=16).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(t5_tokenizer(), seed + 2), vae=_vae(seed + 1), transformer=tr,
+                               scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

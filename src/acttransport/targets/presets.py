@@ -49,8 +49,11 @@ _UNET = {
     "attn-norms": _UNET_BLOCKS + r"attentions\.\d+\.transformer_blocks\.\d+\.norm[123]",  # LayerNorms on image tokens
 }
 _SD3 = {"blocks": r"transformer\.transformer_blocks\.\d+:1", "ff-norms": r"transformer\.transformer_blocks\.\d+\.norm2"}
+# FLUX: dual-stream blocks and (diffusers >= 0.35) single-stream blocks both return (text, image);
+# ':1' is the image tokens, so a single-stream block's text tokens are never mapped (tested).
 _FLUX = {"blocks": r"transformer\.(transformer_blocks|single_transformer_blocks)\.\d+:1",
          "double-blocks": r"transformer\.transformer_blocks\.\d+:1"}
+# PixArt: blocks cross-attend to the text and return the image tokens alone.
 _PIXART = {"blocks": r"transformer\.transformer_blocks\.\d+", "all-norms": r"transformer\.transformer_blocks\.\d+\.norm[12]"}
 
 PRESETS: dict[str, dict[str, str]] = {
