@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,62 @@ def test_maps_of_the_previous_version_load_and_refit_to_rounding(case):
     assert old_json == {**new_json, "data": ""}
     raw = json.loads((DATA / case / "transport_config.json").read_text())
     assert raw["format"] == "acttransport/1" and new_json["format"] == "acttransport/2"
+
+
+# ------------------------------------------------------------------ the README's Architecture tree
+
+_ENTRY = re.compile(r"(\s*)([\w.]+/|[\w.]+\.py)(?:\s{2,}(.*)|\s*$)")
+_PY = re.compile(r"\b(\w+\.py)\b")
+
+
+def readme_tree(text: str) -> tuple[set[str], set[str]]:
+    """The source files the README's Architecture tree names, relative to ``src/acttransport``,
+    and the folders it lists. A line ``name.py`` or ``name/`` is an entry under the nearest
+    less-indented folder; a ``*.py`` named in an entry's description (or its continuation lines)
+    is a file of the entry's folder (a folder's own line names its files, ``cli/  core.py, ...``;
+    a file's line its siblings, ``demo.py ...; demo_t2i.py: ...``); a folder stands for its
+    ``__init__.py``."""
+    section = text.split("## Architecture", 1)[1]
+    block = section.split("```", 2)[1].splitlines()[1:]
+    assert block[0].strip() == "src/acttransport/", block[0]
+    files: set[str] = set()
+    folders: set[str] = set()
+    stack: list[tuple[int, str]] = [(-1, "")]  # (indent, folder path with trailing /)
+    owner = ""  # the folder whose files a continuation line names
+    for line in block[1:]:
+        if not line.strip():
+            continue
+        m = _ENTRY.fullmatch(line)
+        indent = len(line) - len(line.lstrip())
+        if m is None or indent > 12:  # a continuation line (entries sit at most 3 levels deep): part of the last entry's description
+            files |= {owner + f for f in _PY.findall(line)}
+            continue
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent, name, desc = stack[-1][1], m.group(2), m.group(3) or ""
+        if name.endswith("/"):
+            owner = parent + name
+            folders.add(owner)
+            files.add(owner + "__init__.py")
+            stack.append((indent, owner))
+        else:
+            owner = parent
+            files.add(parent + name)
+        files |= {owner + f for f in _PY.findall(desc)}
+    return files, folders
+
+
+def test_readme_architecture_tree_names_every_source_file():
+    named, folders = readme_tree((ROOT / "README.md").read_text())
+    actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")}
+    assert not actual - named, f"source files missing from the README's Architecture tree: {sorted(actual - named)}"
+    assert not named - actual, f"the README's Architecture tree names files that do not exist: {sorted(named - actual)}"
+    assert all((SRC / f).is_dir() for f in folders), folders
+
+
+def test_the_tree_check_would_catch_a_missing_file():
+    text = (ROOT / "README.md").read_text()
+    named, _ = readme_tree(text)
+    assert {"engine/layerwise.py", "bake/control_vector.py", "__main__.py", "toy/samples.py", "cli/deploy.py", "evaluate/demo_t2i.py"} <= named
+    without = text.replace("    layerwise.py ", "    (gone) ", 1)
+    assert "engine/layerwise.py" not in readme_tree(without)[0]
