@@ -87,8 +87,8 @@ def _outputs(pipe, kw, spec_name):
     return seen
 
 
-def _shift_map(pipe, specs, k, shift=0.5):
-    """Identity at every step but ``k``, where every unit moves by ``shift``."""
+def _shift_and_identity(pipe, shift=0.5):
+    """Two maps of the transformer's width: every unit moved by ``shift``, and the identity."""
     width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
     lo, hi = torch.full((width,), -torch.inf), torch.full((width,), torch.inf)
     ident, moved = ModuleMap(torch.ones(width), torch.zeros(width), lo, hi), ModuleMap(torch.ones(width), torch.full((width,), shift), lo, hi)
@@ -104,7 +104,7 @@ def test_flux_single_stream_blocks_steer_the_image_tokens_only(tmp_path):
     spec, k = "transformer.single_transformer_blocks.1:1", 1
     probe = runner(pipe, kw)
     probe.forward(probe.probe())
-    moved, ident = _shift_map(pipe, [spec], k)
+    moved, ident = _shift_and_identity(pipe)
     tmap = TransportMap({spec: ModuleMap.stack([moved if s == k else ident for s in range(STEPS)])},
                         TransportConfig(steps="each", timesteps=tuple(probe.timesteps), denoiser="transformer"))
     block = "transformer.single_transformer_blocks.1"
