@@ -130,10 +130,18 @@ def test_bad_files_get_one_clear_error(tmp_path, case, match):
         import_vector(path, make_llama())
 
 
-def test_a_model_without_decoder_layers_is_refused(tmp_path):
+def test_a_model_without_decoder_layers_or_with_two_stacks_is_refused(tmp_path):
     path = _write(tmp_path / "cv.gguf", {"direction.1": _directions(layers=(1,))[1]})
     with pytest.raises(ModuleMatchError, match="no decoder layers"):
         import_vector(path, torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN)))
+
+    class TwoStacks(torch.nn.Module):  # no preset: every ….layers.N counts, and two stacks share numbers
+        def __init__(self):
+            super().__init__()
+            self.text, self.vision = make_llama(), make_llama()
+
+    with pytest.raises(ModuleMatchError, match="cannot tell which stack"):
+        import_vector(path, TwoStacks())
 
 
 def test_cli_import(tmp_path, capsys):

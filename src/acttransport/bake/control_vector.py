@@ -143,7 +143,14 @@ def decoder_layers(model: torch.nn.Module) -> dict[int, str]:
         names = match_modules(model, "@blocks")
     except ModuleMatchError:
         names = [n for n, _ in module_tree(model).named_modules() if _BLOCK.fullmatch(n)]
-    out = {int(hit.group(1)): n for n in names if (hit := _BLOCK.fullmatch(n))}
+    out: dict[int, str] = {}
+    for n in names:
+        if (hit := _BLOCK.fullmatch(n)) is None:
+            continue
+        k = int(hit.group(1))
+        if k in out:  # e.g. a vision tower's layers beside the language model's
+            raise ModuleMatchError(f"both {out[k]} and {n} are a layer {k}; cannot tell which stack a control vector's direction.{k} is for")
+        out[k] = n
     if not out:
         raise ModuleMatchError(f"{type(model).__name__} has no decoder layers named like model.layers.N; "
                                "a control vector steers a decoder-only language model")
