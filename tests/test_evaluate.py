@@ -294,6 +294,13 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
         assert r["factual_ppl"] > 1 and r["factual_ppl_ref"] > 1
         assert r["capability"] in {i / 6 for i in range(7)} and r["capability_norm"] in {i / 6 for i in range(7)}
     assert rows[0]["wiki_ppl"] == rows[1]["wiki_ppl"] and rows[2]["wiki_ppl"] != rows[0]["wiki_ppl"]  # per λ, moved by the map
+    from acttransport.evaluate.results import load_results
+    from acttransport.evaluate.tables import report
+
+    table = report(load_results(tmp_path)).splitlines()
+    assert "| PPL-Wiki | Δ PPL-Wiki |" in table[0]
+    rise = 100 * (rows[2]["wiki_ppl"] / rows[0]["wiki_ppl"] - 1)
+    assert f"{rise:+.1f}%" in table[-1]  # the linear row's rise over unsteered
     assert rows[0]["clean_ppl"] == rows[1]["clean_ppl"]  # same λ, other seed
     assert rows[2]["clean_ppl"] != rows[0]["clean_ppl"]
     assert rows[0]["factual_ppl"] == rows[1]["factual_ppl"] and rows[2]["factual_ppl"] != rows[0]["factual_ppl"]

@@ -73,6 +73,8 @@ def toxicity_table(results: dict[str, Any]) -> str:
     head += ["clean PPL", "Δ clean PPL"]
     factual = "factual_ppl" in results.get("metrics", [])  # sweeps from before it lack it
     head += ["factual PPL", "Δ factual", "factual PPL (ref.)"] if factual else []
+    wiki = "wiki_ppl" in results.get("metrics", [])  # sweeps from before it, or with --n-wiki 0, lack it
+    head += ["PPL-Wiki", "Δ PPL-Wiki"] if wiki else []
     head += ["cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
     per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
     head += ["capability %"] + (["capability per-token %"] if per_token else [])
@@ -89,6 +91,7 @@ def toxicity_table(results: dict[str, Any]) -> str:
             f, f0 = a.get("factual_ppl_mean"), base.get("factual_ppl_mean")
             rise = "–" if a is base or f is None or not f0 else f"{100 * (f / f0 - 1):+.1f}%"
             row += [_fmt(a, "factual_ppl", spread=False), rise, _fmt(a, "factual_ppl_ref", spread=False)]
+        row += _wiki_cells(a, base) if wiki else []
         row += [_fmt(a, "ppl_unsteered")]
         row += [_fmt(a, "ppl_other")] if other else []
         row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
@@ -96,13 +99,22 @@ def toxicity_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _wiki_cells(a: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """PPL-Wiki of an aggregate row and its rise over the unsteered row."""
+    w, w0 = a.get("wiki_ppl_mean"), base.get("wiki_ppl_mean")
+    return [_fmt(a, "wiki_ppl", spread=False), "–" if a is base or w is None or not w0 else f"{100 * (w / w0 - 1):+.1f}%"]
+
+
 def truthfulness_table(results: dict[str, Any]) -> str:
     """Markdown table of a truthfulness sweep: MC1/MC2 (and per-token variants) in %."""
     metrics = ["mc1", "mc2", "mc1_norm", "mc2_norm"]
-    head = ["method", "λ", "MC1 %", "MC2 %", "MC1 per-token %", "MC2 per-token %"]
+    wiki = "wiki_ppl" in results.get("metrics", [])
+    head = ["method", "λ", "MC1 %", "MC2 %", "MC1 per-token %", "MC2 per-token %"] + (["PPL-Wiki", "Δ PPL-Wiki"] if wiki else [])
+    base = _base(results["aggregates"]) or {}
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for a in results["aggregates"]:
-        lines.append("| " + " | ".join([a["method"], f"{a['strength']:g}"] + [_fmt(a, m, 100, 1) for m in metrics]) + " |")
+        cells = [a["method"], f"{a['strength']:g}"] + [_fmt(a, m, 100, 1) for m in metrics] + (_wiki_cells(a, base) if wiki else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
