@@ -195,6 +195,22 @@ def test_a_shared_long_prefix_is_not_reused_across_maps(server, maps, hf):
     assert _agreement(got, _hooked(hf, maps[0]["kind"], 1.0, ids)) < LOGPROB_TOL
 
 
+def test_chat_completions_take_the_same_field(server):
+    import openai
+
+    client, _ = server
+
+    def chat(xargs):
+        body = {"vllm_xargs": xargs} if xargs else None
+        r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Describe my neighbour."}],
+                                           max_tokens=12, temperature=0, extra_body=body)
+        return r.choices[0].message.content
+
+    assert chat(None) != chat({"steer": "kind", "strength": 1.0}) and chat(None) == chat({"steer": "kind", "strength": 0.0})
+    with pytest.raises(openai.BadRequestError, match="unknown map"):
+        chat({"steer": "nope"})
+
+
 def test_bad_requests_get_400_and_others_are_served(server, mixed):
     import openai
 
