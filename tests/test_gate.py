@@ -375,3 +375,53 @@ def test_a_pipelines_gate_reads_each_image_at_the_first_step_and_closed_images_s
                      "-o", str(tmp_path / "grid.png"), *run]) == 0
     out = capsys.readouterr().out
     assert "gate open on" in out and "of 2 images of 'a red cat'" in out
+
+
+def _closed_but_one_token_opens(llama, tok, tmap, kw):
+    """A prompt and a gate threshold such that greedy unsteered generation keeps the gate closed
+    (the prompt's mean and every running mean of prompt + generated tokens score below it) while
+    some generated token, scored alone, scores above it: a gate that re-scored each decoding
+    step as a new prompt would open there."""
+    gate = tmap.gate
+    for p in ["w221 w191 w158 w283 w275 w233 w169 w213 w242", "w5 w9 w12 w40", "w170 w181 w222 w3", "w250 w11 w77 w140 w60"]:
+        enc = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            fed = llama.generate(**enc, **kw)[:, :-1]  # the tokens generate feeds the model
+            seen = {}
+            h = llama.get_submodule(gate.module).register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
+            llama(input_ids=fed)
+            h.remove()
+        x = seen["x"][0].double()  # [T, d]
+        running = gate.score(x.cumsum(0) / torch.arange(1, x.shape[0] + 1)[:, None])
+        alone = gate.score(x[enc["input_ids"].shape[1]:])
+        lo, hi = float(running.max()), float(alone.max())
+        if hi > lo + 1e-3:
+            return p, (lo + hi) / 2
+    raise AssertionError("no test prompt separates a per-step score from the running one")
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_a_closed_prompt_generates_the_unsteered_tokens_unpadded_and_padded(llama, tok, mode):
+    """generate() on an unpadded prompt sends no attention mask and no cache_position; decoding
+    steps must still be told from a new prompt (issue 22: the gate was re-scored on each token)."""
+    tmap = at.estimate(llama, tok, SRC, TGT, gate="probe", progress=False)
+    kw = dict(max_new_tokens=10, do_sample=False, repetition_penalty=1.2, pad_token_id=tok.pad_token_id)
+    prompt, thr = _closed_but_one_token_opens(llama, tok, tmap, kw)
+    tm = tmap.with_gate(tmap.gate.replace(threshold=thr, mode=mode))
+    enc = tok(prompt, return_tensors="pt")
+    tok.padding_side = "left"
+    batch = tok([prompt, "w5 w9"], return_tensors="pt", padding=True)
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # really padded
+    with torch.no_grad():
+        base, base_batch = llama.generate(**enc, **kw), llama.generate(**batch, **kw)
+        with at.steer(llama, tm, 1.0):
+            out = llama.generate(**enc, **kw)
+            hist = gate_history(llama)
+        assert torch.equal(out, base)
+        assert len(hist) == 1 and hist[0]["open"].tolist() == [0.0]
+        if mode == "token":
+            assert hist[0]["tokens"].tolist() == [kw["max_new_tokens"] - 1] and hist[0]["open_tokens"].tolist() == [0.0]
+        with at.steer(llama, tm, 1.0):
+            out_batch = llama.generate(**batch, **kw)
+            hist = gate_history(llama)
+        assert torch.equal(out_batch[0], base_batch[0]) and len(hist) == 1 and hist[0]["open"][0] == 0

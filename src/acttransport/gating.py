@@ -1,8 +1,10 @@
 """The gate at run time: reading it in a forward pass, and the per-row weights it gives.
 
 One :class:`GateReader` per ``steer`` block. A forward pre-hook on the model reads the call's
-``attention_mask`` (and ``cache_position``) to tell padding and whether the call starts a
-sequence (prefill) or extends one (a decoding step); a forward hook on the gate's module pools
+``attention_mask`` to tell padding, and the mask's length beyond the call's tokens — or, without
+a mask (``generate`` on an unpadded batch sends none), ``cache_position``, the KV cache's length
+or ``position_ids`` — to tell whether the call starts a sequence (prefill) or extends one (a
+decoding step); a forward hook on the gate's module pools
 its output and scores it; each mapped module's hook then asks :meth:`GateReader.weights` for
 its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
 
@@ -54,7 +56,7 @@ class GateReader:
     def __init__(self, gate: Gate, mode: str, gated: list[str]) -> None:
         self.gate, self.mode, self.gated = gate, mode, list(gated)
         self.mask: Tensor | None = None  # the call's attention mask, [B, past + T]
-        self.start: int | None = None  # the call's cache_position[0], when given without a mask
+        self.start: int | None = None  # tokens already in the cache (cache_position, cache length or position_ids), for a call without a mask
         self.values: Tensor | None = None  # [B] (sequence) or [B, T] (token) for the current pass
         self.pending: set[str] = set()  # mapped modules that have not read the current values yet
         self.kept: Tensor | None = None  # sequence mode: the prefill's values, kept for decoding
@@ -66,8 +68,7 @@ class GateReader:
         """Forward pre-hook (``with_kwargs=True``) on the model: remembers the call's mask."""
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None)
         self.mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-        pos = kwargs.get("cache_position")
-        self.start = int(pos.flatten()[0]) if isinstance(pos, Tensor) and pos.numel() else None
+        self.start = _past_length(kwargs)
         self.values, self.pending = None, set()
 
     def read(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -143,6 +144,37 @@ class GateReader:
             raise ModuleMatchError(f"token-mode gating needs {spec}'s output to be [batch, tokens, units] with the gate module's "
                                    f"{v.shape[1]} tokens, got {tuple(x.shape)}; use gate='sequence'")
         return v[..., None]
+
+
+def _past_length(kwargs: dict) -> int | None:
+    """How many tokens the call's rows already hold in the KV cache (0: a prefill), for a call
+    without an attention mask; None when the call does not say.
+
+    ``generate`` in recent transformers passes neither a mask (for an unpadded batch) nor a
+    ``cache_position``, only ``position_ids`` and the cache object, so the sources are tried in
+    turn: ``cache_position[0]``; the cache's length (``get_seq_length()`` of a ``Cache`` under
+    ``past_key_values`` or ``cache``, or ``[layer][0].shape[-2]`` of a legacy tuple), read before
+    the call appends to it; ``position_ids[:, 0]`` (a call without a mask has no padding).
+    """
+    pos = kwargs.get("cache_position")
+    if isinstance(pos, Tensor) and pos.numel():
+        return int(pos.flatten()[0])
+    for key in ("past_key_values", "cache"):
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if callable(getattr(cache, "get_seq_length", None)):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)):
+            if not cache:
+                return 0
+            first = cache[0]
+            if isinstance(first, (tuple, list)) and first and isinstance(first[0], Tensor) and first[0].ndim >= 2:
+                return int(first[0].shape[-2])
+    ids = kwargs.get("position_ids")
+    if isinstance(ids, Tensor) and ids.ndim >= 1 and ids.numel():
+        return int(ids.reshape(-1, ids.shape[-1])[:, 0].min())
+    return None
 
 
 class ImageGateReader:
