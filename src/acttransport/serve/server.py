@@ -63,6 +63,9 @@ def vllm_model_dir(model: str) -> Path:
             load_model(alias)  # converts the GGUF once into the cache
     else:
         src = Path(model)
+        if not (src / "config.json").is_file():
+            raise ConfigError(f"{model!r} is neither an embedded alias ({', '.join(sorted(EMBEDDED_MODELS))}) nor a local "
+                              "transformers folder with a config.json; serve one of those")
     cfg = read_config(src)
     if (cfg.get("quantization_config") or {}).get("quant_method") != "gguf":
         return src.resolve()
