@@ -51,6 +51,12 @@ def test_what_cannot_be_placed_says_why(spec, width, msg):
         translate(spec, width, CFG)
 
 
+def test_gemma_embeddings_are_scaled_outside_the_module_in_vllm():
+    assert translate("model.embed_tokens", 576, CFG).module == "model.embed_tokens"
+    with pytest.raises(MapFormatError, match="sqrt"):
+        translate("model.embed_tokens", 576, {**CFG, "model_type": "gemma3_text"})
+
+
 def test_requests_are_checked_per_map():
     reg = Registry({"a": _map({"model.layers.0.input_layernorm": 576}, strength=0.4),
                     "u": _map({"model.layers.0.input_layernorm": 576}, unbounded=True),

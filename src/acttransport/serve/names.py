@@ -103,6 +103,8 @@ def translate(spec: str, width: int, cfg: Mapping[str, Any]) -> Target:
     if idx not in (None, 0):
         raise _unsupported(spec, f"it steers element {idx} of a tuple output; only the main output (element 0) exists in vLLM")
     if name == "model.embed_tokens":
+        if str((cfg.get("text_config") or cfg).get("model_type", "")).startswith("gemma"):
+            raise _unsupported(spec, "vLLM scales Gemma's embeddings by sqrt(hidden size) after embed_tokens, transformers inside it")
         t = Target(spec, name, "first", None, None, w["hidden"])
     elif name == "model.norm":
         t = Target(spec, name, "first", None, None, w["hidden"])
