@@ -142,7 +142,8 @@ class ModuleMap:
         has bounds) with ``ω − 1`` and ``β`` already on ``device`` in ``dtype`` — the same
         arithmetic, to the bit, as :meth:`delta`, without its per-call copies and its mask
         when the support is unbounded; a quantile map computes ``x + λ·delta(x)``. Steering
-        hooks call this on every forward pass.
+        hooks call this on every forward pass. The cached tensors are ordinary tensors even when
+        first built under ``torch.inference_mode``, so a later pass with autograd can use them.
         """
         self._single()
         cache: dict = self.__dict__.setdefault("_kernels", {})
@@ -152,9 +153,13 @@ class ModuleMap:
             if self.knots_x is not None:
                 cache[key] = lambda x: x + lam * self.delta(x)
             else:
-                s = self.scale.to(device=device, dtype=dtype) - 1
-                b = self.shift.to(device=device, dtype=dtype)
-                lo, hi = (self.lower.to(device=device, dtype=dtype), self.upper.to(device=device, dtype=dtype)) if self.bounded else (None, None)
+                # built outside inference mode (and copied, never the map's own tensors): a kernel
+                # first built under torch.inference_mode must still serve a later pass with autograd
+                with torch.inference_mode(False):
+                    s = self.scale.to(device=device, dtype=dtype) - 1
+                    b = self.shift.to(device=device, dtype=dtype).clone()
+                    lo, hi = ((self.lower.to(device=device, dtype=dtype).clone(), self.upper.to(device=device, dtype=dtype).clone())
+                              if self.bounded else (None, None))
                 cache[key] = _Affine(lam, s, b, lo, hi)
         return cache[key]
 
