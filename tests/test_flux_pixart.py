@@ -9,6 +9,7 @@ import torch
 
 import acttransport as at
 from acttransport.artifact import TransportConfig, TransportMap
+from acttransport.errors import ConfigError
 from acttransport.runners import DiffusionRunner
 from acttransport.targets import add_hooks, remove_hooks
 from acttransport.transport import ModuleMap
@@ -153,10 +154,69 @@ def test_pixart_blocks_carry_image_tokens_and_both_halves_are_steered(tmp_path):
     torch.testing.assert_close(steered, plain + 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="steer.py and gating.py read pipe.do_classifier_free_guidance, which PixArt pipelines do not "
-                                       "have (they keep guidance in a local variable), so halves='cond' steers both halves")
 def test_pixart_halves_cond_spares_the_unconditional_half(tmp_path):
+    """PixArt has no ``do_classifier_free_guidance`` (guidance is a local variable of its call):
+    guidance is read from the denoiser's batch, whose two halves carry the same latents."""
     plain, steered = _pixart_first_outputs(tiny_pixart(tmp_path), "cond")
     b = len(PROMPTS)
     assert torch.equal(steered[:b], plain[:b])
     torch.testing.assert_close(steered[b:], plain[b:] + 1.0)
+
+
+def test_pixart_halves_cond_without_guidance_steers_every_image_and_refuses_a_batch_it_cannot_tell(tmp_path):
+    pipe = tiny_pixart(tmp_path)
+    spec = "transformer.transformer_blocks.0"
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    lo, hi = torch.full((width,), -torch.inf), torch.full((width,), torch.inf)
+    shared = TransportMap({spec: ModuleMap(torch.ones(width), torch.ones(width), lo, hi)}, TransportConfig(denoiser="transformer"))
+
+    def first(prompts, seeds):
+        seen = []
+        handles = add_hooks(pipe, [spec], lambda s: lambda m, a, out: seen.append(out.clone()))
+        try:
+            pipe(prompts, num_inference_steps=STEPS, guidance_scale=1.0, generator=[torch.Generator().manual_seed(i) for i in seeds],
+                 output_type="pt", **PIXART_KW)
+        finally:
+            remove_hooks(handles)
+        return seen[0]
+
+    plain = first(PROMPTS, [0, 1])
+    with at.steer(pipe, shared, 1.0, halves="cond"):
+        steered = first(PROMPTS, [0, 1])
+    assert plain.shape[0] == len(PROMPTS)  # guidance 1: no unconditional half, every row is an image's conditional row
+    torch.testing.assert_close(steered, plain + 1.0)
+    # two identical images (same prompt, same noise) without guidance look like [uncond; cond] of one: refused, not guessed
+    with at.steer(pipe, shared, 1.0, halves="cond"), pytest.raises(ConfigError, match="halves='both'"):
+        first(["a cat", "a cat"], [0, 0])
+    assert no_hooks(pipe)
+
+
+def test_a_pixart_gate_reads_each_image_from_the_conditional_half(tmp_path):
+    """The gate scores each image once, from the conditional half of the guided batch, and its
+    value scales both halves of that image's rows (PixArt has no ``do_classifier_free_guidance``)."""
+    from acttransport.steer import gate_history
+    from acttransport.transport.gate import Gate
+
+    pipe = tiny_pixart(tmp_path)
+    spec = "transformer.transformer_blocks.0"
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    plain = _outputs(pipe, PIXART_KW, spec)[0]  # [uncond; cond] rows, [2B, N, d]
+    b = len(PROMPTS)
+    gate = Gate("probe", spec, {"weight": torch.linspace(-1, 1, width), "bias": torch.tensor(0.0)}, threshold=0.0)
+    scores = gate.score(plain[b:].mean(1))  # each image's conditional rows, pooled
+    gate = gate.replace(threshold=float(scores.mean()))  # between the two images: the higher one opens
+    lo, hi = torch.full((width,), -torch.inf), torch.full((width,), torch.inf)
+    tmap = TransportMap({spec: ModuleMap(torch.ones(width), torch.ones(width), lo, hi)}, TransportConfig(denoiser="transformer"), gate=gate)
+    with at.steer(pipe, tmap, 1.0, halves="both"):
+        steered = _outputs(pipe, PIXART_KW, spec)[0]
+        hist = gate_history(pipe)
+    assert len(hist) == 1 and hist[0]["score"].shape == (b,)
+    torch.testing.assert_close(hist[0]["score"], scores, atol=1e-5, rtol=1e-5)
+    opened = (scores > gate.threshold).tolist()
+    assert sorted(opened) == [False, True]
+    for i, o in enumerate(opened):
+        for row in (i, b + i):  # both halves of image i
+            if o:
+                torch.testing.assert_close(steered[row], plain[row] + 1.0)
+            else:
+                assert torch.equal(steered[row], plain[row])

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +36,7 @@ from .targets.layouts import pool
 from .targets.names import pick_output
 from .transport.gate import Gate
 
-__all__ = ["GateReader", "ImageGateReader"]
+__all__ = ["GateReader", "ImageGateReader", "guidance_halves"]
 
 
 class GateReader:
@@ -177,6 +179,36 @@ def _past_length(kwargs: dict) -> int | None:
     return None
 
 
+def guidance_halves(pipe: Any, denoiser: nn.Module, args: tuple, kwargs: dict) -> bool | None:
+    """Whether a denoiser call's batch is ``[unconditional; conditional]`` (classifier-free
+    guidance); None when it cannot be told.
+
+    A pipeline class that defines ``do_classifier_free_guidance`` (Stable Diffusion, SDXL, SD3,
+    the toy pipeline) says so itself during its call (on SD a property reading the call's
+    ``_guidance_scale``: look it up on the class, the instance has no value before a call).
+    Others (PixArt keeps it in a local variable) are read from the batch: guidance runs the
+    same latents twice, ``cat([latents] * 2)``, so the two halves of the denoiser's sample
+    input are equal, while their text states (``encoder_hidden_states``) differ. Halves equal in
+    both cannot be told apart from two identical images without guidance: None.
+    """
+    if hasattr(type(pipe), "do_classifier_free_guidance"):
+        return bool(pipe.do_classifier_free_guidance)
+    try:
+        bound = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    x = bound.get("sample", bound.get("hidden_states", args[0] if args else None))
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] % 2:
+        return False
+    h = x.shape[0] // 2
+    if not torch.equal(x[:h], x[h:]):
+        return False
+    c = bound.get("encoder_hidden_states")
+    if isinstance(c, Tensor) and c.ndim and c.shape[0] == x.shape[0] and not torch.equal(c[:h], c[h:]):
+        return True
+    return None
+
+
 class ImageGateReader:
     """The state of one gate within one ``steer`` block on a diffusion pipeline: per image, read
     from the gate module's output at the first denoising step of each pipeline call (pooled over
@@ -189,8 +221,8 @@ class ImageGateReader:
     Args:
         gate: the map's gate.
         gated: the specs of the mapped modules it gates.
-        pipe: the pipeline (its ``do_classifier_free_guidance`` tells whether the batch is
-            ``[unconditional, conditional]``).
+        pipe: the pipeline (whether the batch is ``[unconditional, conditional]`` is read per
+            denoiser call, :func:`guidance_halves`).
 
     Attributes:
         history: one entry per pipeline call, ``{"score": [B], "open": [B]}`` per image.
@@ -201,6 +233,7 @@ class ImageGateReader:
         self.prev: float | None = None
         self.fresh = False  # a call has started and the gate has not been read in it yet
         self.values: Tensor | None = None  # [B'] for the denoiser's batch (B' = 2B with guidance)
+        self.cfg = False  # whether the current denoiser call's batch is [unconditional; conditional]
         self.pending: set[str] = set()
         self.history: list[dict[str, Tensor]] = []
 
@@ -210,6 +243,8 @@ class ImageGateReader:
         if self.prev is None or t >= self.prev:
             self.fresh, self.values = True, None
         self.prev = t
+        # two identical halves without telling text states: either way each image scores the same
+        self.cfg = guidance_halves(self.pipe, module, args, kwargs) is not False
         self.pending = set(self.gated)
 
     def read(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -217,7 +252,7 @@ class ImageGateReader:
         if not self.fresh:
             return
         x = pick_output(output, self.gate.module)
-        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and x.shape[0] % 2 == 0
+        cfg = self.cfg and x.shape[0] % 2 == 0
         xc = x[x.shape[0] // 2 :] if cfg else x
         if xc.ndim not in (3, 4) or xc.shape[1 if xc.ndim == 4 else -1] != self.gate.width:
             raise ModuleMatchError(f"the gate was fitted on {self.gate.width} units of {self.gate.module}, whose output has shape {tuple(x.shape)}")

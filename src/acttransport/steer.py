@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .artifact import TransportMap, read_map
-from .gating import GateReader, ImageGateReader
+from .gating import GateReader, ImageGateReader, guidance_halves
 from .transport.gate import GATE_MODES
 from .transport.maps import ModuleMap
 from .errors import ConfigError, MapFormatError
@@ -202,7 +202,10 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
             the denoiser's batch — guidance then extrapolates the steered prediction against the
             unchanged unconditional one, as it does for a prompt — or ``both`` halves (the same
             shift in both cancels in the guidance difference to first order). None: the rule
-            the map was fitted with (``tmap.config.halves``).
+            the map was fitted with (``tmap.config.halves``). Whether a call batches an
+            unconditional half is told per denoiser call (:func:`acttransport.gating.guidance_halves`:
+            the pipeline's own ``do_classifier_free_guidance``, else the batch — PixArt); a batch
+            it cannot tell raises :class:`~acttransport.errors.ConfigError` under ``cond``.
         gate: with a map that has a gate (``tmap.gate``): True applies it in its own mode —
             row i (or token t of row i) gets ``x + λᵢ·gᵢ·(T(x) − x)``, ``g`` ∈ {0, 1} read from
             the gate's module in the same forward pass (closed rows stay bit for bit); ``"sequence"``
@@ -251,7 +254,13 @@ def steer(model: Any, tmap: TransportMap, strength: float | Sequence[float] | to
 
         def read(module: nn.Module, args: tuple, kwargs: dict) -> None:
             state["t"] = read_timestep(module, args, kwargs) if per_step else None
-            state["cfg"] = bool(getattr(model, "do_classifier_free_guidance", False))
+            if halves == "cond":
+                cfg = guidance_halves(model, module, args, kwargs)
+                if cfg is None:
+                    raise ConfigError(f"halves='cond': cannot tell whether this {type(model).__name__} call batches an unconditional "
+                                      "half (the two halves of the denoiser's batch are identical); steer with halves='both', or give "
+                                      "the images different noise or prompts")
+                state["cfg"] = cfg
 
         handles.append(get_module(root, den).register_forward_pre_hook(read, with_kwargs=True))
 
