@@ -58,12 +58,14 @@ def check_method_options(methods: Sequence[str], method_options: MethodOptions |
 
 def fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> dict[str, Any]:
     """The fitting options a sweep config records (the method varies per cell, the seed is the task's),
-    with the per-method estimator options where any are given."""
+    with the gate's fields (``gate``, ``gate_rate``, ``gate_module``, ``gate_mode``) when a gate is
+    fitted and the per-method estimator options where any are given."""
     d = fit.describe()
     layers = {"layers": d["layers"]} if d["layers"] is not None else {}  # absent when unset: older sweeps keep their hash
+    gate = {k: d[k] for k in ("gate", "gate_rate", "gate_module", "gate_mode")} if d["gate"] is not None else {}  # likewise
     opts = {"method_options": {m: dict(o) for m, o in method_options.items()}} if method_options else {}
     return {"modules": d["modules"], **layers, "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
-            "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"], **opts}
+            "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"], **gate, **opts}
 
 
 def t2i_fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> dict[str, Any]:
