@@ -21,7 +21,7 @@ from ..artifact import TransportMap
 from ..errors import ConfigError
 from .registry import ENV_MAPS, ENV_MODEL, Registry, read_config
 
-__all__ = ["make_llm", "parse_maps", "serve_argv", "vllm_model_dir"]
+__all__ = ["add_serve_command", "cmd_serve", "make_llm", "parse_maps", "prepare", "serve_argv", "vllm_model_dir"]
 
 
 def parse_maps(items: Sequence[str]) -> dict[str, str]:
