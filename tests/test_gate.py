@@ -425,3 +425,13 @@ def test_a_closed_prompt_generates_the_unsteered_tokens_unpadded_and_padded(llam
             out_batch = llama.generate(**batch, **kw)
             hist = gate_history(llama)
         assert torch.equal(out_batch[0], base_batch[0]) and len(hist) == 1 and hist[0]["open"][0] == 0
+        # without a KV cache generate re-runs prompt + generated tokens at each step: the same rows, not new prompts
+        for inputs, want, cached in ((enc, out, None), (batch, out_batch, hist)):
+            with at.steer(llama, tm, 1.0):
+                got = llama.generate(**inputs, **kw, use_cache=False)
+                h = gate_history(llama)
+            assert torch.equal(got, want) and len(h) == 1
+            if mode == "token":
+                assert h[0]["tokens"].tolist() == [kw["max_new_tokens"] - 1] * got.shape[0]
+            if cached is not None:
+                assert torch.equal(h[0]["open"], cached[0]["open"])

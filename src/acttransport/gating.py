@@ -9,9 +9,12 @@ its output and scores it; each mapped module's hook then asks :meth:`GateReader.
 its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
 
 * ``sequence`` — at prefill, the mean of the prompt's real tokens is scored once per row; the
-  value is kept for every generated token of that row.
+  value is kept for every generated token of that row. A call without a cache that repeats the
+  previous call's ``input_ids`` and adds tokens (``generate(use_cache=False)``) continues the
+  same rows: the kept value holds, no new prompt is scored.
 * ``token`` — the running mean of the row's real tokens so far (prompt and generated) is
-  scored at every position; a padding position gets 0.
+  scored at every position; a padding position gets 0. Without a cache the re-run rows'
+  new tokens are counted as generated ones of the same prompt, as with one.
 
 The gate module must run before every mapped module in each forward pass (it usually is the
 first mapped module, read before its map acts); a mapped module that runs before the gate has
@@ -65,12 +68,29 @@ class GateReader:
         self.sums: Tensor | None = None  # token mode: running sums [B, d] and counts [B]
         self.counts: Tensor | None = None
         self.history: list[dict[str, Tensor]] = []
+        self.ids: Tensor | None = None  # the call's input_ids [B, T], when given
+        self.seen: Tensor | None = None  # the last call's input_ids when it ran the whole sequence (past 0)
+
+    def _regrown(self, past: int, x: Tensor) -> int:
+        """For a call that runs its whole sequence (``past == 0``; gate output ``x`` ``[B, T, d]``):
+        the length of the previous such call when this one repeats its tokens and adds more
+        (``generate(use_cache=False)`` re-runs prompt + generated tokens at each step), else 0
+        (a new prompt)."""
+        prev, ids = self.seen, self.ids
+        if ids is not None and ids.shape != x.shape[:2]:
+            ids = None
+        self.seen = ids if past == 0 else None
+        if past or prev is None or ids is None or ids.shape[0] != prev.shape[0] or ids.shape[1] <= prev.shape[1]:
+            return 0
+        return prev.shape[1] if torch.equal(ids[:, : prev.shape[1]].to(prev.device), prev) else 0
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook (``with_kwargs=True``) on the model: remembers the call's mask."""
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None)
         self.mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         self.start = _past_length(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        self.ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
         self.values, self.pending = None, set()
 
     def read(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -92,8 +112,9 @@ class GateReader:
             past = self.start or 0
             real = torch.ones(b, t, dtype=torch.float64, device=x.device)
         xd = x.detach().double() * real[..., None]
+        grown = self._regrown(past, x)  # > 0: the previous call's rows re-run without a cache, longer
         if self.mode == "sequence":
-            if past == 0:
+            if past == 0 and not (grown and self.kept is not None and self.kept.shape[0] == b):
                 z = xd.sum(1) / real.sum(1, keepdim=True).clamp_min(1)
                 score = self.gate.score(z)
                 self.kept = (score > self.gate.threshold).double()
@@ -115,7 +136,11 @@ class GateReader:
             vals = (scores > self.gate.threshold).double() * real
             self.sums, self.counts = sums[:, -1], counts[:, -1]
             self.values = vals
-            if past == 0:
+            if grown and self.history and self.history[-1]["tokens"].shape[0] == b:  # the same rows re-run, longer
+                h = self.history[-1]
+                h["open_tokens"] += vals[:, grown:].sum(1).cpu()
+                h["tokens"] += real[:, grown:].sum(1).cpu()
+            elif past == 0:
                 zeros = torch.zeros(b, dtype=torch.float64)
                 last = scores[:, -1].cpu()  # the running mean at each row's last real token (padding adds nothing)
                 self.history.append({"score": last, "open": (last > self.gate.threshold).double(), "open_tokens": zeros, "tokens": zeros.clone(),
