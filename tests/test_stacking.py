@@ -189,3 +189,40 @@ def test_a_gated_map_stacked_with_an_ungated_one(tok):
     with at.steer(model, plain, 0.6):
         assert torch.equal(_run(model, tok, tgt), got[4:])  # closed rows: only the plain map acted
     assert no_hooks(model) and not is_steered(model)
+
+
+# ---------------------------------------------------------------- the command line: --map DIR[:λ] several times
+
+
+def test_cli_generate_stacks_maps_each_at_its_own_strength(tmp_path, capsys, texts):
+    import json
+
+    from acttransport import cli
+    from acttransport.generation import Sampling, generate
+    from conftest import make_llama, make_tokenizer
+
+    model, tok = make_llama(), make_tokenizer()
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    one = at.estimate(model, tok, texts[0], texts[1], "model.layers.0.post_attention_layernorm", method="mean", support="all", progress=False)
+    two = at.estimate(model, tok, texts[0], texts[1], r"model\.layers\.[01]\.post_attention_layernorm", support="all", progress=False)
+    one.save(tmp_path / "one")
+    two.save(tmp_path / "two")
+    prompts = ["w1 w2 w3", "w7 w8"]
+
+    def cli_rows(*argv):
+        args = ["generate", str(tmp_path / "lm"), *argv, "--max-new-tokens", "4", "--greedy", "--json", "--allow-unbounded"]
+        assert cli.main(args + [x for p in prompts for x in ("--prompt", p)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    stacked = cli_rows("--map", f"{tmp_path / 'one'}:3", "--map", str(tmp_path / "two"), "--strengths", "0,0.5")
+    with at.steer(model, {"one": (one, 1.5), "two": (two, 0.5)}, allow_unbounded=True):  # row 0.5: 0.5·3 and 0.5·1
+        want = generate(model, tok, prompts, Sampling(4, 1.0, 0.3, 1.2, False), seed=0, batch_size=32)
+    assert [r["strength=0.5"] for r in stacked] == want
+    assert [r["strength=0"] for r in stacked] == generate(model, tok, prompts, Sampling(4, 1.0, 0.3, 1.2, False), seed=0, batch_size=32)
+    # one map with :λ is that map with --strengths scaled by λ; the old single-map form is unchanged
+    assert [r["strength=1"] for r in cli_rows("--map", f"{tmp_path / 'two'}:0.5")] == \
+        [r["strength=0.5"] for r in cli_rows("--map", str(tmp_path / "two"), "--strengths", "0.5")]
+    assert cli.main(["generate", str(tmp_path / "lm"), "--map", f"{tmp_path / 'one'}:lots", "--prompt", "w1"]) == 2
+    assert "followed by :λ" in capsys.readouterr().err
+    assert not is_steered(model)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..options import add_fit_arguments, fit_options_from_args
-from .common import MODEL_HELP, load_lm, read_lines, subsample
+from .common import MAP_HELP, MODEL_HELP, load_lm, load_maps, read_lines, stack_at, subsample
 from .diffusion import add_runner_arguments, fit_pipeline
 
 __all__ = ["add_core_commands", "cmd_fit", "cmd_generate", "cmd_modules", "joined_group"]
@@ -244,7 +244,7 @@ def _diagnose(n: int, model: Any, tok: Any, tmap: Any, full: tuple[list[str], li
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from ..generation import generate
-    from ..steer import check_strength, gate_history, load, steer
+    from ..steer import gate_history, steer
 
     prompts = list(a.prompt or [])
     if a.prompts:
@@ -256,19 +256,21 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if not prompts:
         raise DataError("no prompts: give --prompt TEXT (repeatable), --prompts FILE or --rtp N")
     model, tok = load_lm(a.model)
-    tmap = load(a.map, model=model)
-    strengths = [check_strength(float(s), a.allow_unbounded or tmap.config.unbounded) for s in a.strengths.split(",")]
+    maps = load_maps(a.map, model)
+    strengths = [float(s) for s in a.strengths.split(",")]
+    stacks = {lam: stack_at(maps, lam, a.allow_unbounded) for lam in strengths}  # every strength checked before generating
     gate = False if a.no_gate else (a.gate_mode or True)
-    if a.gate_mode and tmap.gate is None:
-        raise ConfigError(f"--gate-mode {a.gate_mode}: this map has no gate (fit one with --gate)")
+    if a.gate_mode and any(tmap.gate is None for _, tmap, _ in maps):
+        raise ConfigError(f"--gate-mode {a.gate_mode}: map {next(n for n, t, _ in maps if t.gate is None)!r} has no gate (fit one with --gate)")
     rows: dict[float, list[str]] = {}
     gates: dict[float, dict[str, Any]] = {}
     for lam in strengths:
-        with steer(model, tmap, lam, allow_unbounded=a.allow_unbounded, gate=gate):
+        with steer(model, stacks[lam], allow_unbounded=a.allow_unbounded, gate=gate):
             rows[lam] = generate(model, tok, prompts, _sampling(a), seed=a.seed, batch_size=a.batch_size, desc=f"λ={lam:g}")
-            gates[lam] = _gate_log(gate_history(model))
-    if tmap.gate is not None and gate is not False:
-        print(tmap.gate.describe() if a.gate_mode is None else tmap.gate.replace(mode=a.gate_mode).describe())
+            gates[lam] = _gate_log(gate_history(model))  # the first gated map's
+    for name, tmap, _ in maps:
+        if tmap.gate is not None and gate is not False:
+            print((f"{name}: " if len(maps) > 1 else "") + (tmap.gate.describe() if a.gate_mode is None else tmap.gate.replace(mode=a.gate_mode).describe()))
     read = next((gates[lam] for lam in strengths if gates[lam]), {})  # the prompt's score is the same at every λ > 0
     if a.json:
         print(json.dumps([{"prompt": p, **{f"strength={lam:g}": rows[lam][i] for lam in strengths}, **_gate_json(read, gates, strengths, i)}
@@ -335,7 +337,7 @@ def add_core_commands(sub: Any) -> None:
 
     g = sub.add_parser("generate", help="generate continuations side by side at several strengths")
     g.add_argument("model", help=MODEL_HELP)
-    g.add_argument("--map", required=True, help="map directory from `acttransport fit`")
+    g.add_argument("--map", required=True, action="append", metavar="DIR[:λ]", help=MAP_HELP)
     g.add_argument("--strengths", default="0,1", help="comma-separated λ values (default 0,1)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="file of prompts, one per line")

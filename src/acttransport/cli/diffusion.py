@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .common import read_lines, subsample
+from .common import MAP_HELP, load_maps, read_lines, stack_at, subsample
 
 __all__ = ["PIPELINE_HELP", "add_diffusion_commands", "add_runner_arguments", "cmd_images", "cmd_train_toy", "fit_pipeline", "runner_kwargs"]
 
@@ -80,14 +80,15 @@ def fit_pipeline(a: argparse.Namespace, opts: Any) -> None:
 def cmd_images(a: argparse.Namespace) -> None:
     """Renders a λ grid: one row per strength, one column per (prompt, image)."""
     from ..evaluate.tasks.images import generate_images, save_grid
-    from ..steer import check_strength, gate_history, load, steer
+    from ..steer import gate_history, steer
 
     prompts = list(a.prompt or []) + (read_lines(a.prompts) if a.prompts else [])
     if not prompts:
         raise DataError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     pipe = _load(a)
-    tmap = load(a.map, model=pipe)
-    strengths = [check_strength(float(s), a.allow_unbounded or tmap.config.unbounded) for s in a.strengths.split(",")]
+    maps = load_maps(a.map, pipe)
+    strengths = [float(s) for s in a.strengths.split(",")]
+    stacks = {lam: stack_at(maps, lam, a.allow_unbounded) for lam in strengths}  # every strength checked before rendering
     cols = [p for p in prompts for _ in range(a.per_prompt)]
     seeds = [a.noise_seed + i for i in range(len(cols))]
     from ..evaluate.tasks.t2i import default_guidance
@@ -98,12 +99,12 @@ def cmd_images(a: argparse.Namespace) -> None:
     kw.pop("seed")
     rows, opened = [], []
     for lam in strengths:
-        with steer(pipe, tmap, lam, allow_unbounded=a.allow_unbounded, halves=a.halves, gate=not a.no_gate):
+        with steer(pipe, stacks[lam], allow_unbounded=a.allow_unbounded, halves=a.halves, gate=not a.no_gate):
             rows.append((f"lambda={lam:g}", generate_images(pipe, cols, seeds, desc=f"λ={lam:g}", **gen, **kw)))
             opened = opened or [v for h in gate_history(pipe) for v in h["open"].tolist()]  # per image, the same at every λ > 0
     path = save_grid(rows, Path(a.out), scale=a.scale)
-    if opened:
-        print(tmap.gate.describe())
+    if opened:  # the first gated map's
+        print(next(tmap for _, tmap, _ in maps if tmap.gate is not None).gate.describe())
         for i, p in enumerate(prompts):
             mine = opened[i * a.per_prompt : (i + 1) * a.per_prompt]
             print(f"  gate open on {int(sum(mine))} of {len(mine)} images of {p!r}")
@@ -128,7 +129,7 @@ def add_diffusion_commands(sub: Any) -> None:
     """Registers ``images`` and ``train-toy``."""
     g = sub.add_parser("images", help="render a grid of images at several strengths (rows = λ) from a pipeline and a map")
     g.add_argument("model", help=PIPELINE_HELP)
-    g.add_argument("--map", required=True, help="map directory from `acttransport fit`")
+    g.add_argument("--map", required=True, action="append", metavar="DIR[:λ]", help=MAP_HELP)
     g.add_argument("-o", "--out", required=True, help="PNG file to write")
     g.add_argument("--strengths", default="0,0.5,1", help="comma-separated λ values (default 0,0.5,1)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
