@@ -226,3 +226,39 @@ def test_cli_generate_stacks_maps_each_at_its_own_strength(tmp_path, capsys, tex
     assert cli.main(["generate", str(tmp_path / "lm"), "--map", f"{tmp_path / 'one'}:lots", "--prompt", "w1"]) == 2
     assert "followed by :λ" in capsys.readouterr().err
     assert not is_steered(model)
+
+
+# ---------------------------------------------------------------- a diffusion pipeline: a per-step map stacked with a shared one
+
+
+def test_a_per_step_map_and_a_shared_map_stack_on_a_pipeline(tmp_path):
+    from acttransport.artifact import TransportConfig
+    from acttransport.runners import DiffusionRunner
+    from acttransport.targets import add_hooks, apply_map, pick_output, remove_hooks
+    from tiny_pipelines import SIZE, tiny_sd
+
+    sd, steps, spec, k = tiny_sd(tmp_path), 3, "unet.mid_block.resnets.0.norm2", 1
+    c = sd.unet.mid_block.resnets[0].norm2.num_channels
+    free = (torch.full((c,), -torch.inf), torch.full((c,), torch.inf))
+    ident, moved = ModuleMap(torch.ones(c), torch.zeros(c), *free), ModuleMap(torch.ones(c), torch.full((c,), 0.5), *free)
+    probe = DiffusionRunner(sd, num_inference_steps=steps, guidance_scale=3.0, **SIZE)
+    probe.forward(probe.probe())
+    per_step = TransportMap({spec: ModuleMap.stack([moved if s == k else ident for s in range(steps)])},
+                            TransportConfig(steps="each", timesteps=tuple(probe.timesteps), denoiser="unet"))
+    g = torch.Generator().manual_seed(3)
+    shared = TransportMap({spec: ModuleMap(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), *free)})
+    raw, out = [], []
+    with at.steer(sd, {"step": (per_step, 1.0), "shared": (shared, 0.7)}):
+        handles = add_hooks(sd, [spec], lambda s: lambda m, a, o: out.append(pick_output(o, s).clone()))  # after the maps
+        handles.append(sd.unet.get_submodule(spec[5:]).register_forward_hook(lambda m, a, o: raw.append(o.clone()), prepend=True))
+        try:
+            sd(["a red circle"], num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt", **SIZE)
+        finally:
+            remove_hooks(handles)
+        assert [s["name"] for s in steering(sd)] == ["step", "shared"]
+    assert len(raw) == len(out) == steps
+    for s in range(steps):  # by hand: step s's map, then the shared one, on the module's own output
+        want = apply_map(apply_map(raw[s], per_step.maps[spec].at(s), 1.0), shared.maps[spec], 0.7)
+        torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-5)
+    assert not is_steered(sd) and all(not m._forward_hooks and not m._forward_pre_hooks for m in sd.unet.modules())
