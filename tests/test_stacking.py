@@ -262,3 +262,33 @@ def test_a_per_step_map_and_a_shared_map_stack_on_a_pipeline(tmp_path):
         want = apply_map(apply_map(raw[s], per_step.maps[spec].at(s), 1.0), shared.maps[spec], 0.7)
         torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-5)
     assert not is_steered(sd) and all(not m._forward_hooks and not m._forward_pre_hooks for m in sd.unet.modules())
+
+
+def test_cli_images_stacks_maps_like_their_composition(tmp_path, capsys):
+    from acttransport import cli
+    from acttransport.artifact import compose
+    from acttransport.evaluate.tasks.images import load_images
+    from tiny_pipelines import tiny_sd
+
+    sd = tiny_sd(tmp_path / "tok")
+    sd.save_pretrained(tmp_path / "sd")
+    spec = "unet.mid_block.resnets.0.norm2"
+    c = sd.unet.mid_block.resnets[0].norm2.num_channels
+    g = torch.Generator().manual_seed(7)
+    free = (torch.full((c,), -torch.inf), torch.full((c,), torch.inf))
+    a, b = (TransportMap({spec: ModuleMap(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), *free)}) for _ in range(2))
+    for name, tmap in (("a", a), ("b", b), ("ab", compose(b, a))):
+        tmap.save(tmp_path / name)
+
+    def grid(*maps):
+        out = tmp_path / f"{'+'.join(maps).replace(':', '@')}.png"
+        args = ["images", str(tmp_path / "sd"), *[x for m in maps for x in ("--map", str(tmp_path / m))], "--prompt", "a red circle",
+                "--per-prompt", "2", "--strengths", "1", "--height", "16", "--width", "16", "--num-inference-steps", "2",
+                "-o", str(out), "--save-tensors"]
+        assert cli.main(args) == 0, capsys.readouterr().err
+        return load_images(out.with_suffix(".l1.safetensors"))
+
+    stacked, folded, first = grid("a", "b"), grid("ab"), grid("a")
+    assert (stacked - folded).abs().max() <= 1 / 255 + 1e-6  # b after a, as compose(b, a) folds them (up to uint8 rounding)
+    assert (stacked - first).abs().max() > 4 / 255  # and b did act
+    assert (grid("a:0.5", "b") - stacked).abs().max() > 4 / 255  # a's own λ is used
