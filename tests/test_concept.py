@@ -160,7 +160,7 @@ def _kw(tmp_path, **over):
         concepts=CONCEPTS, methods=["linear", "mean"], strengths=[0.0, 2.0], seeds=[0, 1], n_fit=6, n_heldout=4,
         n_generations=4, prompts=["w5 w6", "w7"], sampling=Sampling(max_new_tokens=3), generic=sentences(12, 2, 100, seed=1),
         data={"football": sentences(12, 150, 300, seed=2), "Cloud": sentences(12, 100, 200, seed=3)},
-        judge=cj.ConceptJudge(embed=fake_embed), progress=False, quiet=True,
+        judge=cj.ConceptJudge(embed=fake_embed), progress=False, quiet=True, wiki=sentences(5, 2, 300, seed=11),
     )
     return kw | over
 
@@ -184,9 +184,12 @@ def test_concept_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert len(rows) == 2 * 2 * 2 * 2 and rows[0]["method"] == "linear:football"
     assert calls == {"unsteered": 2, "steered": 2 * 2 * 2}  # λ=0: once per seed, for every method and concept
     for r in rows:
-        assert set(r) == {"method", "strength", "seed", "concept_share", "keyword_share", "similarity", "ppl", "elapsed_s"}
-        assert 0 <= r["concept_share"] <= 1 and r["keyword_share"] == 0 and -1 <= r["similarity"] <= 1 and r["ppl"] > 1
+        assert set(r) == {"method", "strength", "seed", "concept_share", "keyword_share", "similarity", "ppl", "wiki_ppl", "wiki_ppl_ref", "elapsed_s"}
+        assert 0 <= r["concept_share"] <= 1 and r["keyword_share"] == 0 and -1 <= r["similarity"] <= 1 and r["ppl"] > 1 and r["wiki_ppl"] > 1
     by = {(r["method"], r["strength"], r["seed"]): r for r in rows}
+    # PPL-Wiki: once per (method, concept, λ), the same for every seed; the unsteered value shared by all
+    assert by[("linear:football", 2.0, 0)]["wiki_ppl"] == by[("linear:football", 2.0, 1)]["wiki_ppl"] != by[("linear:football", 0.0, 0)]["wiki_ppl"]
+    assert by[("linear:football", 0.0, 1)]["wiki_ppl"] == by[("mean:cloud", 0.0, 0)]["wiki_ppl"]
     assert by[("linear:football", 0.0, 1)]["ppl"] == by[("mean:cloud", 0.0, 1)]["ppl"]  # same unsteered generations
     assert by[("linear:football", 2.0, 0)]["similarity"] != by[("linear:football", 0.0, 0)]["similarity"]
     for name in ("results.json", "results.csv", "summary.csv", "concepts.json", "concepts.md", "data.json", "concept_share.png",
