@@ -123,4 +123,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/toy_transport.py
 
 clean:
-	rm -rf $(VENV) $(LLAMA_DIR) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_DIR) build *.egg-info src/*.egg-info
