@@ -50,6 +50,28 @@ def sentences(n: int, lo: int, hi: int, seed: int, min_len: int = 2, max_len: in
     return [" ".join(f"w{rng.randrange(lo, hi)}" for _ in range(rng.randint(min_len, max_len))) for _ in range(n)]
 
 
+def check_real_steering(model, tok, modules: str, n: int = 24):
+    """Fit Linear-AcT on ``n`` + ``n`` shipped insults / non-insults at ``modules`` and check on two
+    prompts that λ = 0 is bit-identical, λ = 1 moves the logits, and leaving the block restores them.
+    Shared by the integration tests on the real shipped models; returns the map."""
+    import acttransport as at
+    from acttransport import assets
+
+    data = assets.load_pair_dataset("toxicity")
+    tmap = at.estimate(model, tok, data.source[:n], data.target[:n], modules, max_length=32, progress=False)
+    assert tmap.config.causal and all(torch.isfinite(m.scale).all() for m in tmap.maps.values())
+    ids = tok(["You are such an idiot", "What a lovely morning"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        base = model(**ids).logits
+        with at.steer(model, tmap, 0.0):
+            assert torch.equal(model(**ids).logits, base)
+        with at.steer(model, tmap, 1.0):
+            steered = model(**ids).logits
+        assert torch.equal(model(**ids).logits, base)
+    assert (steered - base).abs().max() > 1e-3
+    return tmap
+
+
 @pytest.fixture
 def tok():
     return make_tokenizer()

@@ -7,6 +7,7 @@ import torch
 
 import acttransport as at
 from acttransport import assets
+from conftest import check_real_steering
 
 
 @pytest.fixture(scope="module")
@@ -18,26 +19,10 @@ def cache(tmp_path_factory):
     mp.undo()
 
 
-def _check_steering(model, tok, modules: str) -> at.TransportMap:
-    data = assets.load_pair_dataset("toxicity")
-    tmap = at.estimate(model, tok, data.source[:24], data.target[:24], modules, max_length=32, progress=False)
-    assert tmap.config.causal and all(torch.isfinite(m.scale).all() for m in tmap.maps.values())
-    ids = tok(["You are such an idiot", "What a lovely morning"], return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        base = model(**ids).logits
-        with at.steer(model, tmap, 0.0):
-            assert torch.equal(model(**ids).logits, base)
-        with at.steer(model, tmap, 1.0):
-            steered = model(**ids).logits
-        assert torch.equal(model(**ids).logits, base)
-    assert (steered - base).abs().max() > 1e-3
-    return tmap
-
-
 @pytest.mark.slow
 def test_smollm2_fit_steer_and_pooled_means_move(cache, tmp_path):
     model, tok = assets.load_model("smollm2-135m")
-    tmap = _check_steering(model, tok, "@all-norms")
+    tmap = check_real_steering(model, tok, "@all-norms")
     assert len(tmap.maps) == 60
     tmap.save(tmp_path / "m")
     assert at.load(tmp_path / "m", model=model).modules == tmap.modules
@@ -56,7 +41,7 @@ def test_smollm2_fit_steer_and_pooled_means_move(cache, tmp_path):
 def test_gemma3_alias_loads_and_steers(cache):
     model, tok = assets.load_model("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.acttransport_model_id == "gemma3-270m"
-    tmap = _check_steering(model, tok, "@post-norms")
+    tmap = check_real_steering(model, tok, "@post-norms")
     assert len(tmap.maps) == 36
     again, _ = assets.load_model("gemma3-270m")  # from the safetensors cache
     ids = tok("The weather today is", return_tensors="pt")

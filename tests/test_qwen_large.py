@@ -15,10 +15,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-import acttransport as at
 from acttransport import assets
 from acttransport.assets import models as asset_models
 from acttransport.errors import AssetError
+from conftest import check_real_steering
 
 INFO = assets.EMBEDDED_MODELS["qwen2.5-1.5b"]
 
@@ -62,15 +62,5 @@ def test_qwen_loads_fits_and_steers():
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])  # real weights, not noise
-    data = assets.load_pair_dataset("toxicity")
-    modules = r"model\.layers\.(3|13|23)\.post_attention_layernorm"
-    tmap = at.estimate(model, tok, data.source[:16], data.target[:16], modules, max_length=32, progress=False)
-    assert len(tmap.maps) == 3 and all(torch.isfinite(m.scale).all() for m in tmap.maps.values())
-    probe = tok(["You are such an idiot", "What a lovely morning"], return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        base = model(**probe).logits
-        with at.steer(model, tmap, 0.0):
-            assert torch.equal(model(**probe).logits, base)
-        with at.steer(model, tmap, 1.0):
-            assert (model(**probe).logits - base).abs().max() > 1e-3
-        assert torch.equal(model(**probe).logits, base)
+    tmap = check_real_steering(model, tok, r"model\.layers\.(3|13|23)\.post_attention_layernorm", n=16)
+    assert len(tmap.maps) == 3
