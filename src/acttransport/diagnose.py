@@ -27,7 +27,7 @@ from .artifact import TransportMap
 from .errors import ConfigError
 from .engine import collect
 from .options import FitOptions
-from .runners import runner_for
+from .runners import runner_attr, runner_for
 from .steer import steer
 from .transport import mean_progress, wasserstein1
 
@@ -85,7 +85,8 @@ def diagnose(
     where = list(at) if at is not None else tmap.modules
     kw = dict(modules=where, pooling=tmap.config.pooling, progress=False)
     src, tgt = unsteered if unsteered is not None else (collect(runner, texts=source, **kw), collect(runner, texts=target, **kw))
-    with steer(getattr(runner, "pipe", runner.model), tmap, strength, allow_unbounded=True, gate=False):  # a pipeline is steered whole
+    pipe = runner_attr(runner, "pipe")
+    with steer(runner.model if pipe is None else pipe, tmap, strength, allow_unbounded=True, gate=False):  # a pipeline is steered whole
         moved = collect(runner, texts=source, **kw)
     modules = {}
     for spec in where:

@@ -23,7 +23,8 @@ from .targets.layouts import POOLINGS, SPATIAL
 from .transport.gate import GATE_KINDS, GATE_MODES, check_rate
 from .transport.support import parse_support
 
-__all__ = ["CONDITIONS", "HALVES", "STEPS", "FitOptions", "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
+__all__ = ["CONDITIONS", "HALVES", "INDUCTION_STRENGTHS", "NUM_INFERENCE_STEPS", "STEPS", "STRENGTHS", "UNBOUNDED_STRENGTHS", "FitOptions",
+           "add_fit_arguments", "fit_options_from_args", "parse_method_options"]
 
 #: How a diffusion model's modules, which run once per denoising step, get their maps.
 STEPS = ("first", "each", "all")
@@ -31,6 +32,15 @@ STEPS = ("first", "each", "all")
 CONDITIONS = ("both", "source")
 #: Which halves of a classifier-free-guidance batch ``[unconditional, conditional]`` a map acts on.
 HALVES = ("cond", "both")
+
+#: The λ grid of a sweep of methods bounded by 1 (the paper's 0…1; the selection's candidates are its λ > 0).
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The λ grid of concept induction, where every method goes past 1.
+INDUCTION_STRENGTHS = (0.0, 1.0, 2.0, 4.0)
+#: The λ grid of an unbounded method (ITI-c, ActAdd, CAA) beside bounded ones in a text-to-image sweep.
+UNBOUNDED_STRENGTHS = (0.0, 1.0, 2.0, 4.0, 8.0)
+#: Denoising steps per image wherever a pipeline runs without being told (fitting, sweeps, the CLI, the playground).
+NUM_INFERENCE_STEPS = 20
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:

@@ -30,7 +30,7 @@ from .diagnose import diagnose
 from .engine import check_texts, collect, estimate
 from .errors import ConfigError, DataError
 from .generation import continuation_nll, corpus_perplexity
-from .options import FitOptions
+from .options import STRENGTHS, FitOptions
 from .runners import runner_for
 from .steer import steer
 from .targets import layer_subsets, match_modules, pick_layers
@@ -127,7 +127,7 @@ def select(
     target: Sequence[str],
     fluency_texts: Sequence[str],
     budget: float | str = 0.05,
-    strengths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    strengths: Sequence[float] = tuple(s for s in STRENGTHS if s > 0),
     subsets: dict[str, list[str]] | None = None,
     holdout: float = 0.25,
     options: FitOptions | None = None,

@@ -82,9 +82,8 @@ def subsample(texts: list[str], n: int | None, seed: int) -> list[str]:
 
 
 def load_lm(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of an alias, hub id or folder (see :func:`acttransport.assets.load_model`)."""
-    import torch
+    """``(model, tokenizer)`` of an alias, hub id or folder, through :func:`acttransport.assets.load_runner` (kind ``lm``)."""
+    from ..assets import load_runner
 
-    from ..assets import load_model
-
-    return load_model(name, dtype=getattr(torch, dtype), device=device)
+    runner = load_runner(name, "lm", dtype=dtype, device=device)
+    return runner.model, runner.tokenizer

@@ -46,16 +46,12 @@ def _describe_shape(output: Any, spec: str) -> str:
 def cmd_modules(a: argparse.Namespace) -> None:
     import torch
 
-    from ..assets import is_pipeline_name, load_pipeline
-    from ..runners import DiffusionRunner, runner_for
-    from ..targets import PRESETS, add_hooks, default_preset, match_modules, model_type, module_tree, remove_hooks
+    from ..assets import kind_of, load_runner
+    from ..targets import PRESETS, add_hooks, default_preset, match_modules, model_type, remove_hooks
 
-    if a.pipeline or is_pipeline_name(a.model):
-        pipe = load_pipeline(a.model)
-        runner, model = DiffusionRunner(pipe, num_inference_steps=2), module_tree(pipe)
-    else:
-        model, tok = load_lm(a.model)
-        runner = runner_for(model, tok)
+    kind = kind_of(a.model, "pipeline" if a.pipeline else None).name
+    runner = load_runner(a.model, kind, **({"num_inference_steps": 2} if kind == "pipeline" else {}))  # two steps run every module
+    model = runner.model
     specs = match_modules(model, a.patterns or None)
     shapes: dict[str, str] = {}
 
@@ -135,10 +131,11 @@ def cmd_fit(a: argparse.Namespace) -> None:
     from ..targets import default_preset
 
     opts = fit_options_from_args(a)  # bad options fail before the slow model load
-    from ..assets import is_pipeline_name
+    from ..assets import kind_of
 
+    pipeline = kind_of(a.model, "pipeline" if a.pipeline else None).name == "pipeline"
     rank = _init_distributed(a.dist_timeout)
-    if rank is not None and (a.budget or a.pipeline or is_pipeline_name(a.model)):
+    if rank is not None and (a.budget or pipeline):
         raise ConfigError("under torchrun, fit estimates a language model's map; run --budget and pipelines in one process")
     lead = rank in (None, 0)  # rank 0 prints, diagnoses and saves
 
@@ -147,7 +144,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
     if opts.gate is not None and a.budget:
         raise ConfigError("--gate with --budget is not supported: choose the modules with --budget first, then fit them with --gate "
                           "(--modules ... --layers ...)")
-    if a.pipeline or is_pipeline_name(a.model):
+    if pipeline:
         if a.budget:
             raise ConfigError("--budget chooses modules by a language model's perplexity; it does not apply to a text-to-image pipeline")
         return fit_pipeline(a, opts)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..options import NUM_INFERENCE_STEPS
 from .common import MAP_HELP, load_maps, read_lines, stack_at, subsample
 
 __all__ = ["PIPELINE_HELP", "add_diffusion_commands", "add_runner_arguments", "cmd_images", "cmd_train_toy", "fit_pipeline", "runner_kwargs"]
@@ -25,7 +26,8 @@ def add_runner_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of how a pipeline draws images (fitting and generation alike)."""
     g = p.add_argument_group("text-to-image pipelines")
     g.add_argument("--pipeline", action="store_true", help="MODEL is a diffusers pipeline (automatic for toy-t2i and folders with model_index.json)")
-    g.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps per image (default 20; a per-step map is fitted for this schedule)")
+    g.add_argument("--num-inference-steps", type=int, default=NUM_INFERENCE_STEPS,
+                   help=f"denoising steps per image (default {NUM_INFERENCE_STEPS}; a per-step map is fitted for this schedule)")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (default: the pipeline's)")
     g.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, help="image width (default: the pipeline's)")
@@ -34,13 +36,14 @@ def add_runner_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="parameter dtype (default float32)")
 
 
-def _load(a: argparse.Namespace) -> Any:
+def _load(a: argparse.Namespace, **settings: Any) -> Any:
+    """The pipeline runner of the flags (:func:`acttransport.assets.load_runner`, kind ``pipeline``)."""
     import torch
 
-    from ..assets import load_pipeline
+    from ..assets import load_runner
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(a.model, dtype=getattr(torch, a.dtype), device=device)
+    return load_runner(a.model, "pipeline", dtype=a.dtype, device=device, **settings)
 
 
 def runner_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -53,18 +56,16 @@ def runner_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def fit_pipeline(a: argparse.Namespace, opts: Any) -> None:
     """``acttransport fit`` on a text-to-image pipeline (prompts from --source/--target files)."""
     from ..engine import estimate
-    from ..runners import DiffusionRunner
-    from ..targets import default_preset, module_tree
+    from ..targets import default_preset
 
     if a.data or not (a.source and a.target):
         raise DataError("a pipeline is fitted on prompts: give --source FILE and --target FILE (one prompt per line; "
                         "--data names sentence sets for language models)")
     source, target = read_lines(a.source), read_lines(a.target)
     source, target = subsample(source, a.max_samples, opts.seed), subsample(target, a.max_samples, opts.seed + 1)
-    pipe = _load(a)
+    runner = _load(a, batch_size=opts.batch_size, **runner_kwargs(a))
     if opts.modules is None:
-        print(f"modules: {default_preset(module_tree(pipe))} (the default for this denoiser; choose others with --modules)")
-    runner = DiffusionRunner(pipe, batch_size=opts.batch_size, **runner_kwargs(a))
+        print(f"modules: {default_preset(runner.model)} (the default for this denoiser; choose others with --modules)")
     t0 = time.time()
     tmap = estimate(runner, source=source, target=target, data=f"source={a.source} ({len(source)} prompts), target={a.target} ({len(target)})", options=opts)
     tmap = tmap.with_config(model=a.model)
@@ -85,7 +86,7 @@ def cmd_images(a: argparse.Namespace) -> None:
     prompts = list(a.prompt or []) + (read_lines(a.prompts) if a.prompts else [])
     if not prompts:
         raise DataError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
-    pipe = _load(a)
+    pipe = _load(a).pipe
     maps = load_maps(a.map, pipe)
     strengths = [float(s) for s in a.strengths.split(",")]
     stacks = {lam: stack_at(maps, lam, a.allow_unbounded) for lam in strengths}  # every strength checked before rendering

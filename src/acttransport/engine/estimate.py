@@ -20,7 +20,7 @@ from ..artifact import TransportConfig, TransportMap
 from ..errors import ConfigError, DataError
 from ..methods import Fitted
 from ..options import FitOptions
-from ..runners import Runner, runner_for
+from ..runners import Runner, runner_attr, runner_for
 from ..targets.layers import pick_layers
 from ..targets.names import match_modules
 from ..targets.presets import default_preset, model_type
@@ -259,7 +259,8 @@ def estimate(
         if opts.modules is None:
             notes.append(f"no modules given: used {default_preset(runner.model)}, the default for {model_type(runner.model)}")
         sites = execution_order(runner, pick_layers(match_modules(runner.model, opts.modules), opts.layers))
-        timesteps = list(getattr(runner, "timesteps", []) or [])
+        timesteps = list(runner_attr(runner, "timesteps") or [])
+        denoiser = runner_attr(runner, "denoiser")
         n_steps = _steps_per_module(sites, len(timesteps) or None)
         n = len(source)
         gate_at = None
@@ -284,15 +285,15 @@ def estimate(
 
         if g is None:
             texts = source + target
-        elif n_steps > 1 or getattr(runner, "denoiser", None):
+        elif n_steps > 1 or denoiser:
             raise ConfigError("distributed estimation covers causal LMs; fit a diffusion pipeline in one process")
         elif n < g.world:
             raise DataError(f"{n} sentences per set cannot be shared over {g.world} ranks; give at least {g.world}")
         else:
             texts = shard(source, g) + shard(target, g)
-        if opts.method == "lineas":  # learned jointly through the model, not module by module
+        if info.joint:  # learned jointly through the model, not module by module
             if g is not None:
-                raise ConfigError("lineas is fitted in one process; run it without torchrun")
+                raise ConfigError(f"{opts.method} is fitted in one process; run it without torchrun")
             fitted, more = fit_lineas_joint(runner, source, target, sites, pool_how, opts.method_options, opts.resolved_support, opts.seed,
                                             progress)
             notes += more
@@ -309,8 +310,8 @@ def estimate(
     cfg = TransportConfig(
         method=opts.method, support=opts.resolved_support, pooling=pool_how, causal=opts.causal, unbounded=info.unbounded,
         model=runner.model_id, n_samples=n, seed=opts.seed, data=data, options=dict(opts.method_options), notes=tuple(notes),
-        spatial=opts.spatial, halves=opts.halves if n_steps > 1 or getattr(runner, "denoiser", None) else "both",
+        spatial=opts.spatial, halves=opts.halves if n_steps > 1 or denoiser else "both",
         condition=opts.condition, steps=opts.steps if per_step else None, timesteps=tuple(timesteps) if per_step and opts.steps == "each" else (),
-        denoiser=getattr(runner, "denoiser", None), runner=dict(getattr(runner, "settings", {}) or {}),
+        denoiser=denoiser, runner=dict(runner_attr(runner, "settings") or {}),
     )
     return TransportMap(fitted, cfg, fitted_gate)

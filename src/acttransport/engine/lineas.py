@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..methods.lineas import AffineParams, LineasOptions, split, train, w2_loss
-from ..runners import Runner
+from ..runners import Runner, runner_attr
 from ..targets.names import add_hooks, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
@@ -67,7 +67,7 @@ def fit_lineas_joint(runner: Runner, source: list[str], target: list[str], sites
     tt, ht = split(len(target), opts.holdout, seed + 1)
     src_acts = collect_sites(runner, source, sites, pooling, stop_after=sites[-1], progress=False)
     tgt_acts = collect_sites(runner, target, sites, pooling, stop_after=sites[-1], progress=False)
-    dev = runner.device
+    dev = runner_attr(runner, "device")
     params = {s: AffineParams.identity_for(src_acts[(s, 0)][ts].to(dev)) for s in specs}
     tgt_train = {s: torch.sort(tgt_acts[(s, 0)][tt], 0).values for s in specs}
     tgt_held = {s: torch.sort(tgt_acts[(s, 0)][ht], 0).values for s in specs} if len(ht) else {}

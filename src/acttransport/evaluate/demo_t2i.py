@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
-from ..options import FitOptions
+from ..options import NUM_INFERENCE_STEPS, STRENGTHS, FitOptions
 
 __all__ = ["DEMO_STRENGTHS", "run_t2i_demo"]
 
-DEMO_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEMO_STRENGTHS = STRENGTHS
 
 
 def run_t2i_demo(style: str = "striped", n_fit: int = 64, n_images: int = 64, seed: int = 0, out: str = "runs/demo-diffusion",
-                 fit: FitOptions | None = None, num_inference_steps: int = 20, guidance_scale: float | None = None) -> dict[str, Any]:
+                 fit: FitOptions | None = None, num_inference_steps: int = NUM_INFERENCE_STEPS, guidance_scale: float | None = None) -> dict[str, Any]:
     """Fits Linear-AcT from plain captions to captions with ``style`` (the sweeps' options: every
     UNet GroupNorm and cross-attention output, maps fitted on the first denoising step and used
     at every step, the conditional half of the guidance batch, support Q∞), renders a λ grid,

@@ -210,5 +210,5 @@ def fit_lineas(a: Tensor, b: Tensor, *, iters: int = 200, lr: float = 0.05, l1: 
     return finish(w.double(), s.double(), degenerate(a, b))  # units without spread stay identity
 
 
-register_method("lineas", fit_lineas, support="all",
+register_method("lineas", fit_lineas, support="all", joint=True,
                 paper="Rodriguez et al. 2025, LinEAS (arXiv 2503.10679), implemented from the paper's description; fitted jointly by estimate()")

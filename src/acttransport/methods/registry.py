@@ -49,6 +49,9 @@ class MethodInfo:
         unbounded: its strength may exceed 1 in the method's own paper.
         paper: where it comes from.
         options: its keyword options with their defaults (read off ``fit``'s signature).
+        joint: estimate fits every module's map at once, end to end through the model (the
+            per-unit affine maps of :mod:`acttransport.engine.lineas`, trained with ``options``),
+            instead of calling ``fit`` module by module; ``fit`` is then the one-module form.
     """
 
     name: str
@@ -58,6 +61,7 @@ class MethodInfo:
     paper: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     support: str = "observed"
+    joint: bool = False
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Raises ConfigError for an option ``fit`` does not take, listing the ones it does."""
@@ -71,7 +75,7 @@ METHODS: dict[str, MethodInfo] = {}
 
 
 def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "mean", unbounded: bool = False,
-                    paper: str = "", replace: bool = False, support: str = "observed") -> MethodInfo:
+                    paper: str = "", replace: bool = False, support: str = "observed", joint: bool = False) -> MethodInfo:
     """Registers an estimator under ``name`` (estimate, the CLI and the sweeps then accept it).
 
     Args:
@@ -83,6 +87,7 @@ def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "me
         paper: a citation shown in docs and configs.
         replace: allow re-registering an existing name.
         support: default support when the caller gives none.
+        joint: fitted jointly through the model by estimate (see :attr:`MethodInfo.joint`).
 
     Raises:
         ConfigError: the name is taken (and ``replace`` is False) or ``pooling`` is unknown.
@@ -94,7 +99,7 @@ def register_method(name: str, fit: Callable[..., Fitted], *, pooling: str = "me
     params = list(inspect.signature(fit).parameters.values())[2:]
     options = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in params}
     parse_support(support)
-    info = MethodInfo(name, fit, pooling, unbounded, paper, options, support)
+    info = MethodInfo(name, fit, pooling, unbounded, paper, options, support, joint)
     METHODS[name] = info
     return info
 

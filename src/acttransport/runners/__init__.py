@@ -7,16 +7,16 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Batch, Runner, model_id
+from .base import OPTIONAL, REQUIRED, Batch, Runner, model_id, runner_attr
 from .causal_lm import CausalLMRunner
 from .diffusion import DiffusionRunner
 
-__all__ = ["Batch", "CausalLMRunner", "DiffusionRunner", "Runner", "model_id", "runner_for"]
+__all__ = ["OPTIONAL", "REQUIRED", "Batch", "CausalLMRunner", "DiffusionRunner", "Runner", "model_id", "runner_attr", "runner_for"]
 
 
 def runner_for(model: Any, tokenizer: Any = None, batch_size: int = 32, max_length: int = 64) -> Runner:
     """The runner for ``model``: ``model`` itself if it is a :class:`Runner`, a
-    :class:`DiffusionRunner` (default settings: 20 steps, the pipeline's guidance) for a
+    :class:`DiffusionRunner` (default settings: ``options.NUM_INFERENCE_STEPS`` steps, the pipeline's guidance) for a
     diffusers pipeline, else a :class:`CausalLMRunner` for a module with a tokenizer.
 
     Raises:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModuleMatchError
+from ..options import NUM_INFERENCE_STEPS
 from ..targets.layouts import pool
 from ..targets.names import denoiser_name, module_tree
 from .base import Batch
@@ -53,7 +54,8 @@ class DiffusionRunner:
         pipe: a diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``, the toy
             pipeline, ...).
-        num_inference_steps: denoising steps per image (a per-step map is fitted for this schedule).
+        num_inference_steps: denoising steps per image (a per-step map is fitted for this schedule;
+            default :data:`~acttransport.options.NUM_INFERENCE_STEPS`).
         guidance_scale: classifier-free guidance weight; None: the pipeline's default.
         batch_size: prompts per pipeline call.
         seed: image k of the input list is drawn with ``torch.Generator().manual_seed(seed + k)``.
@@ -65,7 +67,7 @@ class DiffusionRunner:
 
     repeated = True
 
-    def __init__(self, pipe: Any, num_inference_steps: int = 20, guidance_scale: float | None = None, batch_size: int = 8,
+    def __init__(self, pipe: Any, num_inference_steps: int = NUM_INFERENCE_STEPS, guidance_scale: float | None = None, batch_size: int = 8,
                  seed: int = 0, **call_kwargs: Any) -> None:
         self.pipe, self.model = pipe, module_tree(pipe)
         self.denoiser = denoiser_name(pipe)

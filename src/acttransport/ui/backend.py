@@ -27,6 +27,7 @@ from ..engine import estimate
 from ..errors import ActTransportError, ConfigError, DataError, MapFormatError
 from ..steer import check_fits, load, steer
 from ..generation import NucleusFilter, Sampling
+from ..options import NUM_INFERENCE_STEPS
 
 __all__ = ["KINDS", "MAX_NEW_TOKENS", "Playground", "compose_selected", "fit_map", "gate_reading", "load_map", "parse_lines", "score_texts", "split_patterns", "stream_pair"]
 
@@ -61,7 +62,7 @@ class Playground:
     text_judge: Any = "auto"
     image_judge: Any = "auto"
     maps: list[tuple[str, str, TransportMap]] = field(default_factory=list)
-    steps: int = 20
+    steps: int = NUM_INFERENCE_STEPS
     guidance: float = 3.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -218,7 +219,7 @@ def fit_map(pg: Playground, kind: str, source: Sequence[str], target: Sequence[s
             from ..runners import DiffusionRunner
 
             runner = DiffusionRunner(pipe=obj, num_inference_steps=pg.steps, guidance_scale=pg.guidance)
-            tmap = estimate(runner, source=list(source), target=list(target), halves="cond", **kw)
+            tmap = estimate(runner, source=list(source), target=list(target), **kw)  # halves: FitOptions' (cond)
         else:
             tmap = estimate(obj, pg.tokenizer, list(source), list(target), **kw)
     from ..steer import check_strength

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..options import NUM_INFERENCE_STEPS
+
 __all__ = ["add_playground_command", "cmd_playground"]
 
 
@@ -34,7 +36,7 @@ def add_playground_command(sub: Any) -> None:
     p.add_argument("--map", action="append", metavar="DIR", help="a map folder to open with (repeatable); each is checked against the model")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps of the Image tab (default 20)")
+    p.add_argument("--num-inference-steps", type=int, default=NUM_INFERENCE_STEPS, help=f"denoising steps of the Image tab (default {NUM_INFERENCE_STEPS})")
     p.add_argument("--no-text", action="store_true", help="no text model (Image and Fit tabs on the pipeline only)")
     p.add_argument("--no-image", action="store_true", help="no pipeline (Text and Fit tabs only)")
     p.add_argument("--no-judge", action="store_true", help="do not load the toxicity and toy judges")

@@ -35,7 +35,7 @@ from torch import nn
 from ..._io import write_text_atomic
 from ...errors import ConfigError, DataError
 from ...generation import Sampling, continuation_nll, generate, perplexity
-from ...options import FitOptions
+from ...options import INDUCTION_STRENGTHS, FitOptions
 from ...runners import model_id
 from ...steer import check_strength
 from ...targets import match_modules
@@ -122,7 +122,7 @@ def _sentence_sets(
 def concept_sweep(
     model: nn.Module, tokenizer: Any, out_dir: str | Path,
     concepts: Sequence[str] = CONCEPT_NAMES, methods: Sequence[str] = ("linear", "mean"),
-    strengths: Sequence[float] | Mapping[str, Sequence[float]] = (0.0, 1.0, 2.0, 4.0), seeds: Sequence[int] = (0, 1, 2),
+    strengths: Sequence[float] | Mapping[str, Sequence[float]] = INDUCTION_STRENGTHS, seeds: Sequence[int] = (0, 1, 2),
     fit: FitOptions | None = None,
     n_fit: int = 64, n_heldout: int = 32, n_generations: int = 24,
     prompts: Sequence[str] | None = None, sampling: Sampling = Sampling(),

@@ -16,7 +16,7 @@ from torch import nn
 from ..._io import write_text_atomic
 from ...errors import ConfigError
 from ...generation import Sampling, continuation_nll, corpus_perplexity, generate, perplexity
-from ...options import FitOptions
+from ...options import STRENGTHS, FitOptions
 from ...runners import model_id
 from ..grid import Strengths, digest, make_cells
 from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
@@ -161,7 +161,7 @@ def toxicity_sweep(
     tokenizer: Any,
     out_dir: str | Path,
     methods: Sequence[str] = ("linear", "mean"),
-    strengths: Strengths = (0.0, 0.25, 0.5, 0.75, 1.0),
+    strengths: Strengths = STRENGTHS,
     seeds: Sequence[int] = (0, 1, 2),
     fit: FitOptions | None = None,
     n_prompts: int = 100,

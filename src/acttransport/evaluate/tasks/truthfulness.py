@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ...errors import DataError
-from ...options import FitOptions
+from ...options import STRENGTHS, FitOptions
 from ...runners import model_id
 from ..grid import Strengths, digest, make_cells
 from ..metrics import mc_scores
@@ -47,7 +47,7 @@ def truthfulness_sweep(
     tokenizer: Any,
     out_dir: str | Path,
     methods: Sequence[str] = ("linear", "mean"),
-    strengths: Strengths = (0.0, 0.25, 0.5, 0.75, 1.0),
+    strengths: Strengths = STRENGTHS,
     fit: FitOptions | None = None,
     seed: int = 0,
     pairs: Sequence[tuple[str, str]] | None = None,
