@@ -98,6 +98,43 @@ def test_negation_sweep_has_the_negative_prompt_baseline(pipe, tmp_path):
         t2i.style_sweep(pipe, tmp_path / "x", methods=[t2i.NEGATIVE_PROMPT], n_fit=4, n_images=4, **KW)
 
 
+def test_negation_data_controls_do_not_name_the_concept():
+    plain = t2i.negation_data("striped", n_fit=4, n_images=3)
+    d = t2i.negation_data("striped", n_fit=4, n_images=3, n_controls=12)
+    assert d.prompts == plain.prompts and d.source == plain.source and not plain.controls  # the asked-for set is unchanged
+    assert len(d.controls) == len(d.controls_keep) == 12 and not any("striped" in c for c in d.controls)
+    assert {k["style"] for k in d.controls_keep} == {"plain", "dotted", "outline"} and set(d.controls_keep[0]) == {"shape", "colour", "style"}
+    assert t2i.hash_prompts(d) != t2i.hash_prompts(plain)
+    red = t2i.negation_data("red", n_fit=4, n_images=3, n_controls=8)
+    assert not any("red" in c for c in red.controls) and all(k["colour"] != "red" for k in red.controls_keep)
+
+
+def test_gated_negation_sweep_scores_the_controls_apart_and_leaves_closed_images_alone(pipe, tmp_path, monkeypatch):
+    fit = t2i.T2I_FIT.replace(gate="probe", gate_rate=0.25)  # the default modules: the gate reads the first, a GroupNorm
+    kw = dict(concept="striped", methods=["linear"], strengths=[0.0, 1.0], seeds=[0], n_fit=8, n_images=4, n_controls=4, fit=fit, **KW)
+    rows = t2i.negation_sweep(pipe, tmp_path, **kw)
+    base, steered = rows
+    assert base["control_unchanged"] == base["control_agreement"] == 1.0 and "gate_open" not in base  # λ = 0 is its own twin
+    for key in ("negation_share", "gate_open", "control_negation_share", "control_agreement", "control_unchanged", "control_twin_similarity",
+                "control_valid_share", "control_gate_open"):
+        assert 0.0 <= steered[key] <= 1.0001, key
+    opened = json.loads((tmp_path / "images" / "linear_l1_s0.gate.json").read_text())
+    assert len(opened) == 8 and set(opened) == {0.0, 1.0}  # both: the random pipeline's gate opens on some images
+    assert steered["gate_open"] == pytest.approx(sum(opened[:4]) / 4) and steered["control_gate_open"] == pytest.approx(sum(opened[4:]) / 4)
+    imgs = im.load_images(tmp_path / "images" / "linear_l1_s0.safetensors")
+    twins = im.load_images(tmp_path / "images" / "none_l0_s0.safetensors")
+    assert imgs.shape[0] == twins.shape[0] == 8
+    for i, o in enumerate(opened):  # a closed gate leaves the image as its unsteered twin, an open one moves it
+        assert torch.equal(imgs[i], twins[i]) == (o == 0.0), i
+    closed = sum(o == 0.0 for o in opened[4:]) / 4
+    assert steered["control_unchanged"] >= closed and steered["control_agreement"] >= closed
+    assert (tmp_path / "grid_linear_controls.png").read_bytes()[:8] == PNG
+    table = report(load_results(tmp_path))
+    assert "gate open %" in table and "others unchanged %" in table and "others: striped %" in table
+    monkeypatch.setattr(t2i, "generate_images", lambda *a, **k: pytest.fail("regenerated a finished cell"))
+    assert t2i.negation_sweep(pipe, tmp_path, **kw) == rows
+
+
 def test_images_helpers(tmp_path):
     x = torch.rand(3, 3, 8, 8)
     im.save_images(tmp_path / "a.safetensors", x)

@@ -113,6 +113,8 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--style", default="striped", help="style: the style to induce (striped, dotted, outline)")
     p.add_argument("--concept", default="striped", help="negation: the style, colour or shape to remove (default striped; e.g. red, circle)")
     p.add_argument("--n-images", type=int, default=64, help="style, negation: images per cell (default 64)")
+    p.add_argument("--n-controls", type=int, default=0,
+                   help="negation: also this many prompts that do not name the concept, scored apart as others/control_* (default 0)")
     p.add_argument("--num-inference-steps", type=int, default=20, help="style, negation: denoising steps (default 20)")
     p.add_argument("--guidance-scale", type=float, help="style, negation: classifier-free guidance weight (default: the pipeline's own)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -220,7 +222,7 @@ def _run_t2i(a: argparse.Namespace, out: str, pipe: Any = None) -> list[dict[str
     if a.task == "style":
         rows = style_sweep(pipe, out, style=a.style, **kw)
     else:
-        rows = negation_sweep(pipe, out, concept=a.concept, **kw)
+        rows = negation_sweep(pipe, out, concept=a.concept, n_controls=a.n_controls, **kw)
     print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png, grid_<method>.png)")
     return rows
 

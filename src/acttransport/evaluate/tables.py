@@ -78,6 +78,9 @@ def toxicity_table(results: dict[str, Any]) -> str:
     head += ["cont. PPL (own)"] + ([f"cont. PPL ({other})"] if other else [])
     per_token = "capability_norm" in results.get("metrics", [])  # sweeps from before it lack it
     head += ["capability %"] + (["capability per-token %"] if per_token else [])
+    gates = [m for m in ("gate_open", "gate_open_tokens", "gate_open_factual", "gate_open_wiki") if m in results.get("metrics", [])]  # gated sweeps
+    head += [{"gate_open": "gate open % (RTP)", "gate_open_tokens": "gate open % of generated tokens", "gate_open_factual": "gate open % (true statements)",
+              "gate_open_wiki": "gate open % (Wikipedia)"}[m] for m in gates]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     t0, p0 = base.get(f"{tox}_mean"), base.get("clean_ppl_mean")
     for a in aggs:
@@ -95,6 +98,7 @@ def toxicity_table(results: dict[str, Any]) -> str:
         row += [_fmt(a, "ppl_unsteered")]
         row += [_fmt(a, "ppl_other")] if other else []
         row += [_fmt(a, "capability", 100, 1, spread=False)] + ([_fmt(a, "capability_norm", 100, 1, spread=False)] if per_token else [])
+        row += [_fmt(a, m, 100, 1, spread=m in ("gate_open", "gate_open_tokens")) for m in gates]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -126,9 +130,20 @@ def t2i_table(results: dict[str, Any]) -> str:
     metrics = [f"{task}_share", f"{task}_prob", *kept, "confidence", "twin_similarity", "valid_share"]
     head = ["method", "λ", "seeds", f"{goal} share %" if task == "style" else f"{goal} left %", f"p({goal}) %",
             *[f"{k[:-5]} kept %" for k in kept], "judge confidence %", "similarity to λ=0 twin", "valid %"]
+    names = results["metrics"]
+    if "gate_open" in names:  # a gated map: the share of images its gate opened on
+        metrics.append("gate_open")
+        head.append("gate open %")
+    if "control_agreement" in names:  # prompts that do not ask for the concept, scored apart
+        extra = [m for m in ("control_negation_share", "control_agreement", "control_unchanged", "control_twin_similarity", "control_valid_share",
+                             "control_gate_open") if m in names]
+        metrics += extra
+        head += [{"control_negation_share": f"others: {goal} %", "control_agreement": "others: judge agrees with twin %",
+                  "control_unchanged": "others unchanged %", "control_twin_similarity": "others: twin similarity",
+                  "control_valid_share": "others valid %", "control_gate_open": "others: gate open %"}[m] for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for a in results["aggregates"]:
-        cells = [_fmt(a, m, 1 if m == "twin_similarity" else 100, 3 if m == "twin_similarity" else 1) for m in metrics]
+        cells = [_fmt(a, m, 1 if m.endswith("twin_similarity") else 100, 3 if m.endswith("twin_similarity") else 1) for m in metrics]
         lines.append("| " + " | ".join([a["method"], f"{a['strength']:g}", str(a["n_seeds"]), *cells]) + " |")
     return "\n".join(lines)
 

@@ -12,13 +12,15 @@ Every (method, λ, seed) cell generates ``n_images`` images from fixed per-image
 of every cell of a seed starts from the same noise, so each steered image has an unsteered
 twin) and records the judge's shares and confidence, the cosine similarity of judge features
 to the twin, and a validity check (:func:`~.images.background_ok`). Images go to
-``images/<method>_l<λ>_s<seed>.safetensors``; ``grid_<method>.png`` shows rows = λ.
+``images/<method>_l<λ>_s<seed>.safetensors`` (a gated map's gate value per image beside them,
+``….gate.json``); ``grid_<method>.png`` shows rows = λ (``grid_<method>_controls.png`` the controls).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,10 +28,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..._io import write_text_atomic
 from ...errors import ConfigError
 from ...options import FitOptions
 from ...runners import DiffusionRunner
-from ...steer import check_strength
+from ...steer import check_strength, gate_history
 from ..grid import UNSTEERED, Strengths, make_cells, strengths_per_method
 from ..store import prepare
 from ..sweep import run_sweep
@@ -56,6 +59,9 @@ class T2IData:
         keep: per evaluation image, head → label the steering should keep (e.g. shape, colour).
         goal: ``(head, label)``: the style to induce or the concept to negate.
         description: for the config.
+        controls: evaluation prompts that do not ask for the goal (negation: a map, gated or not,
+            should leave their images as the unsteered ones); scored apart, as ``control_*``.
+        controls_keep: per control image, every head → the label the prompt asks for.
     """
 
     source: list[str]
@@ -64,6 +70,8 @@ class T2IData:
     keep: list[dict[str, str]]
     goal: tuple[str, str]
     description: str
+    controls: list[str] = dataclasses.field(default_factory=list)
+    controls_keep: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 def default_guidance(pipe: Any, fallback: float = 3.0) -> float:
@@ -92,10 +100,25 @@ def style_data(style: str = "striped", n_fit: int = 64, n_images: int = 64, data
                    f"toy captions: {n_fit} plain -> {n_fit} '{style}' (every shape x colour, seed {data_seed})")
 
 
-def negation_data(concept: str = "striped", n_fit: int = 64, n_images: int = 64, data_seed: int = 0) -> T2IData:
+def negation_data(concept: str = "striped", n_fit: int = 64, n_images: int = 64, data_seed: int = 0, n_controls: int = 0) -> T2IData:
     """Toy-model prompts for removing a concept the prompt names: a style (captions with it →
     the same captions plain), a colour or a shape (captions naming it → the same captions with
-    another colour / shape, drawn at random); evaluated on prompts that ask for it."""
+    another colour / shape, drawn at random); evaluated on prompts that ask for it and, with
+    ``n_controls``, on as many captions that do not name it (every other shape × colour × style,
+    cycled; the ones a map should leave alone)."""
+    d = _negation_data(concept, n_fit, n_images, data_seed)
+    if not n_controls:
+        return d
+    from ...toy.render import COLOURS, SHAPES, STYLES, caption
+
+    head = {"shape": 0, "colour": 1, "style": 2}[d.goal[0]]
+    others = [t for t in ((s, c, st) for s in SHAPES for c in COLOURS for st in STYLES) if t[head] != concept]
+    ctl = _cycle(others, n_controls, data_seed + 3)
+    return dataclasses.replace(d, controls=[caption(*t) for t in ctl], controls_keep=[{"shape": s, "colour": c, "style": st} for s, c, st in ctl],
+                               description=d.description + f"; {n_controls} control captions not naming {concept!r} (seed {data_seed + 3})")
+
+
+def _negation_data(concept: str, n_fit: int, n_images: int, data_seed: int) -> T2IData:
     from ...toy.render import COLOURS, SHAPES, STYLES, caption
 
     rng = random.Random(data_seed + 2)
@@ -120,17 +143,49 @@ def negation_data(concept: str = "striped", n_fit: int = 64, n_images: int = 64,
                    f"toy captions: {n_fit} naming {concept!r} -> {n_fit} with another {head} (seed {data_seed})")
 
 
-def _score(judge: Any, images: Tensor, twins: Tensor, d: T2IData, task: str, valid_range: tuple[float, float]) -> dict[str, float]:
+def _score(judge: Any, images: Tensor, twins: Tensor, d: T2IData, task: str, valid_range: tuple[float, float],
+           opened: Tensor | None = None) -> dict[str, float]:
+    """The cell's metrics on the images of ``d.prompts`` (the first ones) and, when ``d`` has
+    controls, ``control_*`` on the rest; ``opened``: the gate's value per image, when gated."""
+    n = len(d.prompts)
+    out = _score_set(judge, images[:n], twins[:n], d.goal, d.keep, task, valid_range)
+    if opened is not None:
+        out["gate_open"] = float(opened[:n].mean())
+    if d.controls:
+        ctl = _score_set(judge, images[n:], twins[n:], d.goal, d.controls_keep, task, valid_range)
+        out.update({f"control_{k}": v for k, v in ctl.items() if not k.endswith("_kept") and k != "confidence"})
+        out.update(_unchanged(judge, images[n:], twins[n:]))
+        if opened is not None:
+            out["control_gate_open"] = float(opened[n:].mean())
+    return out
+
+
+#: Twin similarity at or above which a control image with the same judge labels as its twin counts as unchanged.
+UNCHANGED_SIMILARITY = 0.99
+
+
+def _unchanged(judge: Any, images: Tensor, twins: Tensor) -> dict[str, float]:
+    """``control_agreement``: the share of images whose judge labels (every head: shape, colour,
+    style) all equal their unsteered twin's; ``control_unchanged``: of those, the share whose
+    twin similarity is at least :data:`UNCHANGED_SIMILARITY` too."""
+    a, b = judge.predict(images), judge.predict(twins)
+    same = torch.tensor([all(a[h]["label"][i] == b[h]["label"][i] for h in a) for i in range(len(images))])
+    close = twin_similarity(judge, images, twins) >= UNCHANGED_SIMILARITY
+    return {"control_agreement": float(same.float().mean()), "control_unchanged": float((same & close.cpu()).float().mean())}
+
+
+def _score_set(judge: Any, images: Tensor, twins: Tensor, goal: tuple[str, str], keep: list[dict[str, str]], task: str,
+               valid_range: tuple[float, float]) -> dict[str, float]:
     pred = judge.predict(images)
-    head, label = d.goal
+    head, label = goal
     names = list(getattr(judge, "heads", {}).get(head, ())) or None
     if names is not None and label not in names:
         raise ConfigError(f"the judge's {head} head cannot read {label!r} (it knows {', '.join(names)})")
     hit = torch.tensor([x == label for x in pred[head]["label"]], dtype=torch.float32)
     prob = pred[head]["prob"][:, names.index(label)] if names else hit
     out = {f"{task}_share": float(hit.mean()), f"{task}_prob": float(prob.mean())}
-    for k in d.keep[0]:
-        out[f"{k}_kept"] = float(sum(p == want[k] for p, want in zip(pred[k]["label"], d.keep)) / len(d.keep))
+    for k in keep[0]:
+        out[f"{k}_kept"] = float(sum(p == want[k] for p, want in zip(pred[k]["label"], keep)) / len(keep))
     conf = torch.stack([pred[k]["prob"].max(dim=1).values for k in pred]).min(dim=0).values
     out["confidence"] = float(conf.mean())
     out["twin_similarity"] = float(twin_similarity(judge, images, twins).mean())
@@ -159,7 +214,12 @@ def t2i_sweep(
 
     Returns:
         Per-cell rows ``{method, strength, seed, <task>_share, <task>_prob, <kept>_kept...,
-        confidence, twin_similarity, valid_share, elapsed_s}``.
+        confidence, twin_similarity, valid_share, elapsed_s}``; for a gated map also ``gate_open``
+        (the share of images the gate opened on); with controls (``d.controls``) also, on their
+        images, ``control_<task>_share`` (the judge sees the concept), ``control_twin_similarity``,
+        ``control_valid_share``, ``control_agreement`` (every head's label as the twin's),
+        ``control_unchanged`` (agreement and twin similarity ≥ :data:`UNCHANGED_SIMILARITY`) and,
+        gated, ``control_gate_open``.
     """
     fit = fit or T2I_FIT
     guidance_scale = guidance_scale if guidance_scale is not None else default_guidance(pipe)
@@ -178,7 +238,7 @@ def t2i_sweep(
     valid_range = valid_range or _valid_range()
     config = {
         "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **t2i_fit_config(fit, method_options), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
-        "n_images": len(d.prompts), "prompts_digest": hash_prompts(d), "num_inference_steps": num_inference_steps,
+        "n_images": len(d.prompts), **({"n_controls": len(d.controls)} if d.controls else {}), "prompts_digest": hash_prompts(d), "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "data_seed": data_seed, "judge": type(judge).__name__, "valid_range": list(valid_range),
     }
     out = prepare(out_dir, config, restart)
@@ -187,32 +247,42 @@ def t2i_sweep(
     maps = MapCache(out, pipe, fitter(runner, None, d.source, d.target, fit, data_seed, d.description, progress, method_options))
     twins: dict[int, Tensor] = {}
 
-    def images_of(method: str, lam: float, seed: int) -> Tensor:
+    prompts = d.prompts + d.controls  # the controls' images come after the prompts' (whose seeds stay as without controls)
+
+    def images_of(method: str, lam: float, seed: int) -> tuple[Tensor, Tensor | None]:
+        """The cell's images and, for a gated map, the gate's value per image (kept beside them)."""
         path = out / "images" / f"{method}_l{lam:g}_s{seed}.safetensors"
+        gate_path = path.with_suffix(".gate.json")
         if path.is_file():
-            return load_images(path)
+            return load_images(path), torch.tensor(json.loads(gate_path.read_text())) if gate_path.is_file() else None
         label = f"{method} λ={lam:g} seed {seed}"
         gen = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size, progress=progress, desc=label)
-        seeds_ = cell_seeds(seed, len(d.prompts))
+        seeds_, opened = cell_seeds(seed, len(prompts)), None
         if method == NEGATIVE_PROMPT:
-            imgs = generate_images(pipe, d.prompts, seeds_, negative_prompt=negative_prompt(d.goal), **gen)
+            imgs = generate_images(pipe, prompts, seeds_, negative_prompt=negative_prompt(d.goal), **gen)
         else:
             with steering(pipe, maps, method, lam, allow_unbounded=True):
-                imgs = generate_images(pipe, d.prompts, seeds_, **gen)
+                imgs = generate_images(pipe, prompts, seeds_, **gen)
+                hist = gate_history(pipe)
+            if hist:
+                opened = torch.cat([h["open"] for h in hist])
+                write_text_atomic(gate_path, json.dumps(opened.tolist()))
         save_images(path, imgs)
-        return imgs
+        return imgs, opened
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
         if seed not in twins:
-            twins[seed] = images_of(UNSTEERED, 0.0, seed)
-        imgs = twins[seed] if method == UNSTEERED or (lam == 0.0 and method != NEGATIVE_PROMPT) else images_of(method, lam, seed)
-        return _score(judge, imgs, twins[seed], d, task, valid_range)
+            twins[seed] = images_of(UNSTEERED, 0.0, seed)[0]
+        imgs, opened = (twins[seed], None) if method == UNSTEERED or (lam == 0.0 and method != NEGATIVE_PROMPT) else images_of(method, lam, seed)
+        return _score(judge, imgs, twins[seed], d, task, valid_range, opened)
 
     grid = {**strengths_per_method(steered, strengths), **({NEGATIVE_PROMPT: [1.0]} if NEGATIVE_PROMPT in methods else {})}
     cells = make_cells(list(grid), grid, seeds, shared_zero=True)
     rows = run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
     _grids(out, grid, seeds[0], grid_images)
+    if d.controls:
+        _grids(out, grid, seeds[0], grid_images, start=len(d.prompts), suffix="_controls")
     return rows
 
 
@@ -227,20 +297,21 @@ def hash_prompts(d: T2IData) -> str:
     """A digest of the prompts and expected labels (so a sweep directory holds one data set)."""
     from ..grid import digest
 
-    return digest([d.source, d.target, d.prompts, d.keep])
+    return digest([d.source, d.target, d.prompts, d.keep] + ([d.controls, d.controls_keep] if d.controls else []))
 
 
-def _grids(out: Path, grid: dict[str, list[float]], seed: int, k: int) -> None:
-    """``grid_<method>.png``: rows = λ (the unsteered row first), the first ``k`` images of ``seed``."""
+def _grids(out: Path, grid: dict[str, list[float]], seed: int, k: int, start: int = 0, suffix: str = "") -> None:
+    """``grid_<method><suffix>.png``: rows = λ (the unsteered row first), ``k`` images of ``seed``
+    from image ``start`` on (the controls' grid starts after the prompts' images)."""
     base = out / "images" / f"{UNSTEERED}_l0_s{seed}.safetensors"
     for method, lams in grid.items():
-        rows = [("lambda=0", load_images(base)[:k])] if base.is_file() else []
+        rows = [("lambda=0", load_images(base)[start : start + k])] if base.is_file() else []
         for lam in sorted(set(lams) - {0.0}):
             path = out / "images" / f"{method}_l{lam:g}_s{seed}.safetensors"
             if path.is_file():
-                rows.append(("neg. prompt" if method == NEGATIVE_PROMPT else f"lambda={lam:g}", load_images(path)[:k]))
+                rows.append(("neg. prompt" if method == NEGATIVE_PROMPT else f"lambda={lam:g}", load_images(path)[start : start + k]))
         if len(rows) > 1:
-            save_grid(rows, out / f"grid_{method}.png")
+            save_grid(rows, out / f"grid_{method}{suffix}.png")
 
 
 def style_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-style", style: str = "striped",
@@ -254,11 +325,13 @@ def style_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-style", styl
 
 def negation_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-negation", concept: str = "striped",
                    methods: Sequence[str] = ("linear", "mean", "itic", NEGATIVE_PROMPT), strengths: Strengths | None = None,
-                   seeds: Sequence[int] = (0, 1, 2), n_fit: int = 64, n_images: int = 64, data_seed: int = 0, **kw: Any) -> list[dict[str, Any]]:
-    """Concept negation on the toy model; see :func:`t2i_sweep` for ``kw``."""
+                   seeds: Sequence[int] = (0, 1, 2), n_fit: int = 64, n_images: int = 64, data_seed: int = 0, n_controls: int = 0,
+                   **kw: Any) -> list[dict[str, Any]]:
+    """Concept negation on the toy model; ``n_controls`` also scores that many prompts that do not
+    name the concept (``control_*``: see :func:`t2i_sweep`); see :func:`t2i_sweep` for ``kw``."""
     pipe = pipe if pipe is not None else _toy()
     strengths = strengths if strengths is not None else {"*": [0.0, 0.25, 0.5, 0.75, 1.0], "itic": [0.0, 1.0, 2.0, 4.0, 8.0]}
-    return t2i_sweep(pipe, out_dir, "negation", negation_data(concept, n_fit, n_images, data_seed), methods, strengths, seeds,
+    return t2i_sweep(pipe, out_dir, "negation", negation_data(concept, n_fit, n_images, data_seed, n_controls), methods, strengths, seeds,
                      data_seed=data_seed, **kw)
 
 
