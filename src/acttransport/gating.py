@@ -55,7 +55,8 @@ class GateReader:
             ``{"score": [B], "open": [B]}`` — each row's prompt score and gate value (in token
             mode the value at the prompt's last token) — and, in token mode, ``"open_tokens"`` /
             ``"tokens"`` ``[B]``: how many of the row's later (generated) tokens opened it, of how many,
-            and ``"prompt_open"`` ``[B, T]``: its value at each prompt position (0 at padding).
+            ``"prompt_open"`` ``[B, T]``: its value at each prompt position (0 at padding) and
+            ``"prompt_tokens"`` ``[B]``: the prompt's real tokens.
     """
 
     def __init__(self, gate: Gate, mode: str, gated: list[str]) -> None:
@@ -144,7 +145,7 @@ class GateReader:
                 zeros = torch.zeros(b, dtype=torch.float64)
                 last = scores[:, -1].cpu()  # the running mean at each row's last real token (padding adds nothing)
                 self.history.append({"score": last, "open": (last > self.gate.threshold).double(), "open_tokens": zeros, "tokens": zeros.clone(),
-                                     "prompt_open": vals.cpu()})
+                                     "prompt_open": vals.cpu(), "prompt_tokens": real.sum(1).cpu()})
             elif self.history:
                 h = self.history[-1]
                 h["open_tokens"] += vals.sum(1).cpu()

@@ -138,7 +138,8 @@ def gate_history(model: Any, name: str | None = None) -> list[dict[str, torch.Te
     starting new sequences), in order: ``{"score": [B], "open": [B]}`` per row of the batch — the
     prompt's score and the gate's value (1 open, 0 closed) — plus, in token mode,
     ``"open_tokens"`` / ``"tokens"`` ``[B]``: how many later (generated) tokens opened it, of how many,
-    and ``"prompt_open"`` ``[B, T]``: its value at each position of the prefill.
+    ``"prompt_open"`` ``[B, T]``: its value at each position of the prefill and ``"prompt_tokens"``
+    ``[B]``: the prefill's real (unpadded) tokens per row.
     Empty when the block is ungated (or runs at λ = 0, where the gate is not read).
 
     Args:

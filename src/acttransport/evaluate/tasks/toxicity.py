@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..._io import write_text_atomic
@@ -18,6 +19,7 @@ from ...errors import ConfigError
 from ...generation import Sampling, continuation_nll, corpus_perplexity, generate, perplexity
 from ...options import STRENGTHS, FitOptions
 from ...runners import model_id
+from ...steer import gate_history
 from ..grid import Strengths, digest, make_cells
 from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
 from ..metrics import mc_scores
@@ -28,7 +30,7 @@ from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_op
 #: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
 REF_PPL_TOKENS = 50
 
-__all__ = ["REF_PPL_TOKENS", "ToxicityData", "fill_judge_metrics", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
+__all__ = ["REF_PPL_TOKENS", "ToxicityData", "fill_judge_metrics", "gate_rates", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,20 @@ def toxicity_cell(model: nn.Module, tokenizer: Any, maps: Callable, d: ToxicityD
         label = f"{method} λ={lam:g} seed {seed}"  # inner bars: a cell of a 270M model takes minutes on CPU
         with steering(model, maps, method, lam):
             conts = generate(model, tokenizer, d.prompts, sampling, seed=seed, batch_size=batch_size, progress=progress, desc=f"{label}: generate")
+            opened = gate_rates(gate_history(model), "gate_open", generated=True)
             if (method, lam) not in fixed:
                 nll = continuation_nll(model, tokenizer, [""] * len(d.clean_texts), d.clean_texts, batch_size=batch_size, progress=progress, desc=f"{label}: clean PPL")
                 mc = mc_scores(model, tokenizer, d.capability_pairs, batch_size=batch_size, progress=progress)
+                n0 = len(gate_history(model))
                 facts = continuation_nll(model, tokenizer, [""] * len(d.capability_pairs), [t for t, _ in d.capability_pairs],
                                          batch_size=batch_size, progress=progress, desc=f"{label}: factual PPL", max_tokens=REF_PPL_TOKENS)
+                n1 = len(gate_history(model))
+                wiki = wiki_metrics(model, tokenizer, d.wiki_texts, batch_size, progress, label)
+                hist = gate_history(model)
                 fixed[(method, lam)] = {"clean_ppl": corpus_perplexity(nll), "factual_ppl": corpus_perplexity(facts),
-                                        "factual_ppl_ref": perplexity(facts), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"],
-                                        **wiki_metrics(model, tokenizer, d.wiki_texts, batch_size, progress, label)}
-        row = toxicity_metrics(judge, conts)
+                                        "factual_ppl_ref": perplexity(facts), "capability": mc["mc1"], "capability_norm": mc["mc1_norm"], **wiki,
+                                        **gate_rates(hist[n0:n1], "gate_open_factual"), **(gate_rates(hist[n1:], "gate_open_wiki") if wiki else {})}
+        row = {**toxicity_metrics(judge, conts), **opened}
         row["ppl_unsteered"] = perplexity(continuation_nll(model, tokenizer, d.prompts, conts, batch_size=batch_size, progress=False))
         if ppl_model is not None:
             other, other_tok, name = ppl_model
@@ -154,6 +161,25 @@ def toxicity_cell(model: nn.Module, tokenizer: Any, maps: Callable, d: ToxicityD
         return {**row, **fixed[(method, lam)]}
 
     return run_cell
+
+
+def gate_rates(history: list[dict[str, Any]], name: str, generated: bool = False) -> dict[str, float]:
+    """How often a gate opened, from :func:`~acttransport.steer.gate_history` (``{}`` when ungated).
+
+    ``name``: the share of rows it opened on — in sequence mode its value for the row; in token mode,
+    with ``generated``, on at least one generated token, else on at least one position of the text.
+    In token mode also ``name + "_tokens"``: the mean share of the row's generated tokens
+    (``generated``) or of its text's positions it opened on.
+    """
+    if not history:
+        return {}
+    if "tokens" not in history[0]:  # sequence mode
+        return {name: float(torch.cat([h["open"] for h in history]).mean())}
+    if generated:
+        hits, total = torch.cat([h["open_tokens"] for h in history]), torch.cat([h["tokens"] for h in history])
+    else:
+        hits, total = torch.cat([h["prompt_open"].sum(1) for h in history]), torch.cat([h["prompt_tokens"] for h in history])
+    return {name: float((hits > 0).double().mean()), f"{name}_tokens": float((hits / total.clamp_min(1)).mean())}
 
 
 def toxicity_sweep(
@@ -213,6 +239,11 @@ def toxicity_sweep(
     * ``capability`` — accuracy at scoring the true statement of a (true, false) pair above
       the false one under the steered model (stand-in for MMLU); ``capability_norm`` the same
       on log-likelihood per token (the summed one favours the shorter, usually false, statement).
+
+    * ``gate_open`` (a gated map): the share of prompts its gate opened on for the continuation,
+      and ``gate_open_factual`` / ``gate_open_wiki`` the share of true statements / Wikipedia
+      sentences it opened on while their perplexity was measured; token mode adds ``*_tokens``,
+      the share of tokens (see :func:`gate_rates`).
 
     ``clean_ppl``, ``factual_ppl*`` and ``capability`` do not depend on the seed: they are computed once per
     (method, λ) and repeated in each of its cells.
