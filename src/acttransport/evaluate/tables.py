@@ -10,6 +10,8 @@
   probability of it, the attributes kept, the judge's confidence, the similarity to the
   unsteered twin and the share of valid images;
 * any other sweep — the generic mean ± std table of :func:`markdown_table`.
+
+:func:`report` picks the table from the task's record in :mod:`.registry` (no list of tasks here).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .grid import UNSTEERED
+from .registry import TASKS
 from .results import select_strength
 
 __all__ = ["markdown_table", "report", "t2i_table", "toxic_metric", "toxicity_table", "truthfulness_table"]
@@ -149,12 +152,6 @@ def t2i_table(results: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any]) -> str:
-    """The task's table (see the module docstring)."""
-    task = results.get("config", {}).get("task")
-    if task in ("style", "negation"):
-        return t2i_table(results)
-    if task == "toxicity":
-        return toxicity_table(results)
-    if task == "truthfulness":
-        return truthfulness_table(results)
-    return markdown_table(results)
+    """The table of the sweep's task (its :class:`~.registry.Task` record's ``table``), else :func:`markdown_table`."""
+    task = TASKS.get(results.get("config", {}).get("task"))
+    return task.table(results) if task is not None else markdown_table(results)

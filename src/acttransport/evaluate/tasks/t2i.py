@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..._io import write_text_atomic
 from ...errors import ConfigError
-from ...options import FitOptions
+from ...options import NUM_INFERENCE_STEPS, STRENGTHS, UNBOUNDED_STRENGTHS, FitOptions
 from ...runners import DiffusionRunner
 from ...steer import check_strength, gate_history
 from ..grid import UNSTEERED, Strengths, make_cells, strengths_per_method
@@ -39,12 +39,14 @@ from ..sweep import run_sweep
 from .common import MapCache, MethodOptions, check_grid, check_method_options, fitter, steering, t2i_fit_config
 from .images import background_ok, border_stats, cell_seeds, generate_images, load_images, save_grid, save_images, twin_similarity
 
-__all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2IData", "default_guidance", "negation_data", "negation_sweep", "negative_prompt", "style_data", "style_sweep", "t2i_sweep"]
+__all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2I_STRENGTHS", "T2IData", "default_guidance", "negation_data", "negation_sweep", "negative_prompt", "style_data", "style_sweep", "t2i_sweep"]
 
 #: The fitting options of the text-to-image sweeps: maps fitted on the first step, support Q∞,
 #: the conditional half of the guidance batch, the denoiser's default modules; every method
 #: (ITI-c too) pools the feature maps by their mean.
-T2I_FIT = FitOptions(support="all", pooling="mean", steps="first", halves="cond")
+T2I_FIT = FitOptions(support="all", pooling="mean", steps="first")  # halves: FitOptions' own (cond)
+#: The λ grid of the text-to-image sweeps: 0…1, and the unbounded grid for ITI-c.
+T2I_STRENGTHS = {"*": list(STRENGTHS), "itic": list(UNBOUNDED_STRENGTHS)}
 #: The baseline "method" of negation: the pipeline's own negative prompt (no map).
 NEGATIVE_PROMPT = "negprompt"
 
@@ -205,7 +207,7 @@ def _valid_range() -> tuple[float, float]:
 
 def t2i_sweep(
     pipe: Any, out_dir: str | Path, task: str, d: T2IData, methods: Sequence[str], strengths: Strengths, seeds: Sequence[int],
-    fit: FitOptions | None = None, num_inference_steps: int = 20, guidance_scale: float | None = None, batch_size: int = 32,
+    fit: FitOptions | None = None, num_inference_steps: int = NUM_INFERENCE_STEPS, guidance_scale: float | None = None, batch_size: int = 32,
     judge: Any = None, data_seed: int = 0, grid_images: int = 8, valid_range: tuple[float, float] | None = None,
     model_name: str | None = None, restart: bool = False, progress: bool = True, quiet: bool = False,
     method_options: MethodOptions | None = None,
@@ -319,7 +321,7 @@ def style_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-style", styl
                 seeds: Sequence[int] = (0, 1, 2), n_fit: int = 64, n_images: int = 64, data_seed: int = 0, **kw: Any) -> list[dict[str, Any]]:
     """Style control on the toy model (default pipeline and judge: the shipped ones); see :func:`t2i_sweep` for ``kw``."""
     pipe = pipe if pipe is not None else _toy()
-    strengths = strengths if strengths is not None else {"*": [0.0, 0.25, 0.5, 0.75, 1.0], "itic": [0.0, 1.0, 2.0, 4.0, 8.0]}
+    strengths = strengths if strengths is not None else T2I_STRENGTHS
     return t2i_sweep(pipe, out_dir, "style", style_data(style, n_fit, n_images, data_seed), methods, strengths, seeds, data_seed=data_seed, **kw)
 
 
@@ -330,7 +332,7 @@ def negation_sweep(pipe: Any = None, out_dir: str | Path = "runs/sweep-negation"
     """Concept negation on the toy model; ``n_controls`` also scores that many prompts that do not
     name the concept (``control_*``: see :func:`t2i_sweep`); see :func:`t2i_sweep` for ``kw``."""
     pipe = pipe if pipe is not None else _toy()
-    strengths = strengths if strengths is not None else {"*": [0.0, 0.25, 0.5, 0.75, 1.0], "itic": [0.0, 1.0, 2.0, 4.0, 8.0]}
+    strengths = strengths if strengths is not None else T2I_STRENGTHS
     return t2i_sweep(pipe, out_dir, "negation", negation_data(concept, n_fit, n_images, data_seed, n_controls), methods, strengths, seeds,
                      data_seed=data_seed, **kw)
 
