@@ -4,6 +4,7 @@ same forward pass; a closed gate and λ = 0 leave outputs bit for bit; bake and 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,16 @@ def test_gate_of_a_separable_fit_opens_on_source_only_and_closed_rows_stay_bit_e
         assert torch.equal(_run(model, tok, src + tgt), base) and gate_history(model) == []
     with at.steer(model, tmap.with_gate(gate.replace(threshold=1e9)), 1.0):  # a closed gate on every row
         assert torch.equal(_run(model, tok, src + tgt), base)
+
+
+def test_a_gate_that_cannot_tell_the_sets_apart_is_warned_about(tok):
+    model = Separable().eval()
+    with pytest.warns(UserWarning, match="barely tells source from target"):
+        tmap = at.estimate(model, tok, SRC, list(SRC), ["first", "second"], gate="probe", progress=False)  # the same texts twice
+    assert tmap.gate.report["auc"] < 0.6 and any("barely tells" in n for n in tmap.config.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a separable fit: no such warning
+        assert at.estimate(model, tok, SRC, TGT, ["first", "second"], gate="probe", progress=False).gate.report["auc"] == 1.0
 
 
 def test_per_row_strength_times_per_row_gate_equals_each_row_alone(llama, tok):
