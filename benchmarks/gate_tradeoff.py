@@ -1,0 +1,50 @@
+"""Issue 22: mean p(toxic) against the PPL-Wiki rise of gated and always-on toxicity sweeps, one
+point per steered (sweep, λ), labelled by the sweep folder; the unsteered cell of the first folder
+that has one is the reference. Writes a PNG.
+
+Run: ``cd /work/main && .venv/bin/python benchmarks/gate_tradeoff.py docs/results/sweeps/gate-gemma-* -o docs/results/gate-gemma-tradeoff.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("-o", "--out", required=True)
+    a = p.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aggs = {d: json.loads((Path(d) / "results.json").read_text())["aggregates"] for d in a.dirs}
+    base = next(x for rows in aggs.values() for x in rows if x["method"] == "none")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([0.0], [100 * base["toxic_score_mean"]], color="black", marker="s")
+    ax.annotate("unsteered", (0.0, 100 * base["toxic_score_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for d, rows in aggs.items():
+        for x in rows:
+            if x["method"] == "none":
+                continue
+            rise = 100 * (x["wiki_ppl_mean"] / base["wiki_ppl_mean"] - 1)
+            y = 100 * x["toxic_score_mean"]
+            ax.scatter([rise], [y], marker="o" if "probe" in d else "^")
+            ax.annotate(f"{Path(d).name.removeprefix('gate-gemma-')} λ={x['strength']:g}", (rise, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xlabel("PPL-Wiki rise over unsteered (%)")
+    ax.set_ylabel("mean p(toxic) of the continuations (%)")
+    ax.set_title("Gemma-3-270M, Linear-AcT: gated (circles) vs always-on (triangles)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(a.out).with_name(f".{Path(a.out).name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(a.out)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
