@@ -1,0 +1,98 @@
+"""How sure a toxicity sweep's ratios are: a paired bootstrap over the prompts.
+
+A toxicity sweep keeps every cell's continuations (``continuations/<method>_l<λ>_s<seed>.jsonl``,
+one line per prompt, the same prompts in every cell). This re-scores them with the sweep's judge
+(:class:`~acttransport.evaluate.judges.toxicity.ToxicityJudge`, the same scores the sweep
+recorded) and resamples the prompts with replacement, the same resample for the unsteered and the
+steered cell of a seed, to give a 95% interval for
+
+* ``× lower mean p(toxic)``: unsteered mean ÷ steered mean;
+* the steered cell's toxic share at the balanced threshold, and the unsteered one's.
+
+It prints one markdown row per steered cell and writes them as JSON with ``--out``.
+
+Run: ``cd /work/main && OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/toxicity_ci.py
+docs/results/sweeps/size-qwen [more sweep folders] [--n-boot 2000] [--out F.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from acttransport.evaluate.judges.toxicity import ToxicityJudge
+
+_NAME = re.compile(r"(?P<method>.+)_l(?P<lam>[0-9.e+-]+)_s(?P<seed>\d+)\.jsonl")
+
+
+def cells(folder: Path) -> dict[tuple[str, float, int], list[str]]:
+    """``(method, λ, seed) → continuations`` of one sweep folder (prompt order kept)."""
+    out = {}
+    for f in sorted((folder / "continuations").glob("*.jsonl")):
+        m = _NAME.fullmatch(f.name)
+        if m:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            out[(m["method"], float(m["lam"]), int(m["seed"]))] = [r["continuation"] for r in rows]
+    return out
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Paired bootstrap intervals for toxicity sweeps' ratios.")
+    p.add_argument("folders", nargs="+", type=Path, help="toxicity sweep folders; the unsteered cell may sit in any of them (same model)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    missing = [str(f) for f in args.folders if not (f / "sweep_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"not a sweep folder (no sweep_config.json): {', '.join(missing)}")
+    models = {json.loads((f / "sweep_config.json").read_text())["config"].get("model") for f in args.folders}
+    if len(models) != 1:
+        raise SystemExit(f"give folders of one model at a time (the unsteered cell is the reference), not {sorted(map(str, models))}")
+    judge = ToxicityJudge.load_or_train()
+    found = {}
+    for folder in args.folders:
+        for key, texts in cells(folder).items():
+            found[(folder, *key)] = texts
+    base = {seed: texts for (_, method, _, seed), texts in found.items() if method == "none"}
+    if not base:
+        raise SystemExit("no unsteered cell (continuations/none_l0_s<seed>.jsonl) in these folders")
+    scores = {k: np.asarray(judge.score(v), dtype=np.float64) for k, v in found.items()}
+    base_scores = {seed: np.asarray(judge.score(t), dtype=np.float64) for seed, t in base.items()}
+    rng = np.random.default_rng(0)
+    rows = []
+    print("| sweep | method | λ | seed | × lower mean p(toxic) [95%] | toxic % (bal.) [95%] | unsteered toxic % [95%] |")
+    print("|:---|:---|---:|---:|---:|---:|---:|")
+    for (folder, method, lam, seed), s in sorted(scores.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
+        if method == "none" or seed not in base_scores or len(base_scores[seed]) != len(s):
+            continue
+        b = base_scores[seed]
+        idx = rng.integers(0, len(s), size=(args.n_boot, len(s)))
+        ratio = b[idx].mean(1) / np.maximum(s[idx].mean(1), 1e-12)
+        share = (s[idx] >= judge.balanced_threshold).mean(1)
+        share0 = (b[idx] >= judge.balanced_threshold).mean(1)
+        row = {"sweep": str(folder), "method": method, "strength": lam, "seed": seed, "n": len(s),
+               "ratio": float(b.mean() / s.mean()), "ratio_ci": interval(ratio),
+               "share": float((s >= judge.balanced_threshold).mean()), "share_ci": interval(share),
+               "share_unsteered": float((b >= judge.balanced_threshold).mean()), "share_unsteered_ci": interval(share0)}
+        rows.append(row)
+        print(f"| {folder.name} | {method} | {lam:g} | {seed} | {row['ratio']:.2f}× [{row['ratio_ci'][0]:.2f}, {row['ratio_ci'][1]:.2f}] | "
+              f"{100 * row['share']:.0f} [{100 * row['share_ci'][0]:.0f}, {100 * row['share_ci'][1]:.0f}] | "
+              f"{100 * row['share_unsteered']:.0f} [{100 * row['share_unsteered_ci'][0]:.0f}, {100 * row['share_unsteered_ci'][1]:.0f}] |")
+    if args.out:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, args.out)  # never a half-written file
+
+
+if __name__ == "__main__":
+    main()
