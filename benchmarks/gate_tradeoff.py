@@ -23,18 +23,20 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     aggs = {d: json.loads((Path(d) / "results.json").read_text())["aggregates"] for d in a.dirs}
+    gated = {d: bool(json.loads((Path(d) / "results.json").read_text()).get("config", {}).get("gate")) for d in a.dirs}
     base = next(x for rows in aggs.values() for x in rows if x["method"] == "none")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([0.0], [100 * base["toxic_score_mean"]], color="black", marker="s")
-    ax.annotate("unsteered", (0.0, 100 * base["toxic_score_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    for d, rows in aggs.items():
+    ax.annotate("unsteered", (0.0, 100 * base["toxic_score_mean"]), textcoords="offset points", xytext=(-8, 8), fontsize=8)
+    for i, (d, rows) in enumerate(aggs.items()):
         for x in rows:
             if x["method"] == "none":
                 continue
             rise = 100 * (x["wiki_ppl_mean"] / base["wiki_ppl_mean"] - 1)
             y = 100 * x["toxic_score_mean"]
-            ax.scatter([rise], [y], marker="o" if "probe" in d else "^")
-            ax.annotate(f"{Path(d).name.removeprefix('gate-gemma-')} λ={x['strength']:g}", (rise, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+            dot = ax.scatter([rise], [y], marker="o" if gated[d] else "^")
+            ax.annotate(f"{Path(d).name.removeprefix('gate-gemma-')} λ={x['strength']:g}", (rise, y), textcoords="offset points", xytext=(6, -10 if i % 2 else 3), fontsize=8,
+                        color=dot.get_facecolor()[0])  # the label in its point's colour: close points stay readable
     ax.set_xlabel("PPL-Wiki rise over unsteered (%)")
     ax.set_ylabel("mean p(toxic) of the continuations (%)")
     ax.set_title("Gemma-3-270M, Linear-AcT: gated (circles) vs always-on (triangles)")
