@@ -8,8 +8,9 @@ Run: ``cd /work/main && .venv/bin/python benchmarks/gate_tradeoff.py docs/result
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from acttransport.evaluate.results import load_results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,8 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    aggs = {d: json.loads((Path(d) / "results.json").read_text())["aggregates"] for d in a.dirs}
-    gated = {d: bool(json.loads((Path(d) / "results.json").read_text()).get("config", {}).get("gate")) for d in a.dirs}
+    results = {d: load_results(d) for d in a.dirs}  # read once per folder
+    aggs = {d: r["aggregates"] for d, r in results.items()}
+    gated = {d: bool(r.get("config", {}).get("gate")) for d, r in results.items()}
     base = next(x for rows in aggs.values() for x in rows if x["method"] == "none")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([0.0], [100 * base["toxic_score_mean"]], color="black", marker="s")

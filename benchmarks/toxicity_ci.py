@@ -20,25 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
+from acttransport.errors import ConfigError
 from acttransport.evaluate.judges.toxicity import ToxicityJudge
+from acttransport.evaluate.results import load_results
 
-_NAME = re.compile(r"(?P<method>.+)_l(?P<lam>[0-9.e+-]+)_s(?P<seed>\d+)\.jsonl")
-
-
-def cells(folder: Path) -> dict[tuple[str, float, int], list[str]]:
-    """``(method, λ, seed) → continuations`` of one sweep folder (prompt order kept)."""
+def cells(folder: Path) -> tuple[str | None, dict[tuple[str, float, int], list[str]]]:
+    """The sweep's model and ``(method, λ, seed) → continuations`` of its finished cells (prompt
+    order kept), read through :func:`~acttransport.evaluate.results.load_results`."""
+    res = load_results(folder)
     out = {}
-    for f in sorted((folder / "continuations").glob("*.jsonl")):
-        m = _NAME.fullmatch(f.name)
-        if m:
+    for r in res["rows"]:
+        f = folder / "continuations" / f"{r['method']}_l{r['strength']:g}_s{r['seed']}.jsonl"  # the sweep's naming
+        if f.is_file():
             rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            out[(m["method"], float(m["lam"]), int(m["seed"]))] = [r["continuation"] for r in rows]
-    return out
+            out[(r["method"], float(r["strength"]), int(r["seed"]))] = [x["continuation"] for x in rows]
+    return res["config"].get("model"), out
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -52,17 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    missing = [str(f) for f in args.folders if not (f / "sweep_config.json").is_file()]
-    if missing:
-        raise SystemExit(f"not a sweep folder (no sweep_config.json): {', '.join(missing)}")
-    models = {json.loads((f / "sweep_config.json").read_text())["config"].get("model") for f in args.folders}
+    try:
+        read = {folder: cells(folder) for folder in args.folders}
+    except ConfigError as e:  # not a sweep folder
+        raise SystemExit(str(e)) from None
+    models = {model for model, _ in read.values()}
     if len(models) != 1:
         raise SystemExit(f"give folders of one model at a time (the unsteered cell is the reference), not {sorted(map(str, models))}")
     judge = ToxicityJudge.load_or_train()
-    found = {}
-    for folder in args.folders:
-        for key, texts in cells(folder).items():
-            found[(folder, *key)] = texts
+    found = {(folder, *key): texts for folder, (_, got) in read.items() for key, texts in got.items()}
     base = {seed: texts for (_, method, _, seed), texts in found.items() if method == "none"}
     if not base:
         raise SystemExit("no unsteered cell (continuations/none_l0_s<seed>.jsonl) in these folders")
