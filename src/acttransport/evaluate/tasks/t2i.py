@@ -154,9 +154,10 @@ def _score(judge: Any, images: Tensor, twins: Tensor, d: T2IData, task: str, val
     if opened is not None:
         out["gate_open"] = float(opened[:n].mean())
     if d.controls:
-        ctl = _score_set(judge, images[n:], twins[n:], d.goal, d.controls_keep, task, valid_range)
+        pred, sim = judge.predict(images[n:]), twin_similarity(judge, images[n:], twins[n:])  # shared by both scores
+        ctl = _score_set(judge, images[n:], twins[n:], d.goal, d.controls_keep, task, valid_range, pred, sim)
         out.update({f"control_{k}": v for k, v in ctl.items() if not k.endswith("_kept") and k != "confidence"})
-        out.update(_unchanged(judge, images[n:], twins[n:]))
+        out.update(_unchanged(judge, pred, twins[n:], sim))
         if opened is not None:
             out["control_gate_open"] = float(opened[n:].mean())
     return out
@@ -166,19 +167,21 @@ def _score(judge: Any, images: Tensor, twins: Tensor, d: T2IData, task: str, val
 UNCHANGED_SIMILARITY = 0.99
 
 
-def _unchanged(judge: Any, images: Tensor, twins: Tensor) -> dict[str, float]:
-    """``control_agreement``: the share of images whose judge labels (every head: shape, colour,
-    style) all equal their unsteered twin's; ``control_unchanged``: of those, the share whose
-    twin similarity is at least :data:`UNCHANGED_SIMILARITY` too."""
-    a, b = judge.predict(images), judge.predict(twins)
-    same = torch.tensor([all(a[h]["label"][i] == b[h]["label"][i] for h in a) for i in range(len(images))])
-    close = twin_similarity(judge, images, twins) >= UNCHANGED_SIMILARITY
+def _unchanged(judge: Any, pred: dict[str, Any], twins: Tensor, sim: Tensor) -> dict[str, float]:
+    """``control_agreement``: the share of images (judged as ``pred``) whose judge labels (every
+    head: shape, colour, style) all equal their unsteered twin's; ``control_unchanged``: of those, the share whose
+    twin similarity ``sim`` ``[n]`` is at least :data:`UNCHANGED_SIMILARITY` too."""
+    a, b = pred, judge.predict(twins)
+    same = torch.tensor([all(a[h]["label"][i] == b[h]["label"][i] for h in a) for i in range(len(twins))])
+    close = sim >= UNCHANGED_SIMILARITY
     return {"control_agreement": float(same.float().mean()), "control_unchanged": float((same & close.cpu()).float().mean())}
 
 
 def _score_set(judge: Any, images: Tensor, twins: Tensor, goal: tuple[str, str], keep: list[dict[str, str]], task: str,
-               valid_range: tuple[float, float]) -> dict[str, float]:
-    pred = judge.predict(images)
+               valid_range: tuple[float, float], pred: dict[str, Any] | None = None, sim: Tensor | None = None) -> dict[str, float]:
+    """The metrics of one image set; ``pred`` / ``sim``: the judge's predictions and the per-image
+    twin similarity when the caller has them already (computed here otherwise)."""
+    pred = judge.predict(images) if pred is None else pred
     head, label = goal
     names = list(getattr(judge, "heads", {}).get(head, ())) or None
     if names is not None and label not in names:
@@ -190,7 +193,7 @@ def _score_set(judge: Any, images: Tensor, twins: Tensor, goal: tuple[str, str],
         out[f"{k}_kept"] = float(sum(p == want[k] for p, want in zip(pred[k]["label"], keep)) / len(keep))
     conf = torch.stack([pred[k]["prob"].max(dim=1).values for k in pred]).min(dim=0).values
     out["confidence"] = float(conf.mean())
-    out["twin_similarity"] = float(twin_similarity(judge, images, twins).mean())
+    out["twin_similarity"] = float((twin_similarity(judge, images, twins) if sim is None else sim).mean())
     out["valid_share"] = float(background_ok(images, *valid_range).float().mean())
     return out
 
