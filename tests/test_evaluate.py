@@ -451,6 +451,39 @@ def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "results.json").read_text())["config"]["model"] == "smollm2-135m"
 
 
+def test_one_seed_task_refuses_several_seeds_before_loading(tmp_path, monkeypatch):
+    from acttransport import assets
+    from acttransport.cli.tasks import add_commands, run
+    from acttransport.evaluate.catalog import _truthfulness
+
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers(dest="command", required=True))
+    monkeypatch.setattr(assets, "load_runner", lambda *a, **k: pytest.fail("loaded the model before checking --seeds"))
+    with pytest.raises(ConfigError, match="takes one seed .*0, 1, 2.*--seeds 1"):
+        run(p.parse_args(["sweep", "truthfulness", "--seeds", "0,1,2", "--out", str(tmp_path)]), "sweep")
+    assert p.parse_args(["sweep", "truthfulness"]).seeds is None  # the task's default, one seed, applies
+    with pytest.raises(ConfigError, match="takes one seed"):  # the record's own sweep, called without the CLI
+        _truthfulness(SimpleNamespace(model=None, tokenizer=None), str(tmp_path), seeds=[0, 1])
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_records_a_non_float32_dtype_and_keeps_float32_hashes(tmp_path, texts):
+    from acttransport.evaluate.tasks import toxicity as tasks
+    from acttransport.evaluate.tasks.common import dtype_config
+
+    llama, tok = make_llama(), make_tokenizer()
+    assert dtype_config(llama) == {} and dtype_config(SimpleNamespace(unet=make_llama().to(torch.float16))) == {"dtype": "float16"}
+    source, target = texts
+    kw = dict(methods=["linear"], strengths=[0.0, 1.0], seeds=[0], prompts=sentences(3, 2, 300, seed=8), source=source, target=target,
+              clean_texts=sentences(3, 2, 300, seed=9), judge=StubJudge(), capability_pairs=list(zip(sentences(2, 150, 300, seed=5), sentences(2, 2, 100, seed=6))),
+              wiki=sentences(3, 2, 300, seed=11), sampling=Sampling(max_new_tokens=3), progress=False, quiet=True)
+    rows = tasks.toxicity_sweep(llama.to(torch.bfloat16), tok, tmp_path / "bf16", **kw)  # fit, steer and score in bfloat16
+    assert all(math.isfinite(r["wiki_ppl"]) and math.isfinite(r["ppl_unsteered"]) for r in rows)
+    assert json.loads((tmp_path / "bf16" / store.CONFIG_FILE).read_text())["config"]["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="differs in: dtype"):  # a float32 run cannot resume into the bfloat16 sweep
+        tasks.toxicity_sweep(llama.to(torch.float32), tok, tmp_path / "bf16", **kw)
+
+
 def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
     from acttransport.evaluate import grid, plots, results as res_mod, store, sweep, tables
 

@@ -101,13 +101,16 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
             help=f"comma-separated λ values for every method ({_per_task(tasks, lambda t: t.strengths)}), then optionally METHOD=λ,λ,… "
             "for methods on another scale, e.g. --strengths 0,0.5,1 caa=0,2,4",
         )
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (toxicity: one sampling run each; truthfulness: the first is the split seed)")
+    p.add_argument("--seeds", type=_ints, help=f"comma-separated seeds ({_per_task(tasks, lambda t: list(t.seeds))}; toxicity, concept: one sampling run "
+                   "each; truthfulness: the one split seed)")
     for dest, flag in FLAGS.items():
         readers = [t for t in tasks if dest in t.flags]
         if readers:
             default = describe_defaults([(t.name, t.flags[dest]) for t in readers])
             p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=_argtype(flag.type) if flag.type else None, metavar=flag.metavar,
                            help=f"{', '.join(t.name for t in readers)}: {flag.help}" + (f" ({default})" if default else ""))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype of the model or pipeline (default float32; another is recorded in the sweep's config)")
     p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
 
@@ -156,18 +159,21 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     name, methods = a.model or task.model, a.methods or list(task.methods)
     fit = fit_options_from_args(a, task.fit)
     method_options = _checked_method_options(a, [m for m in methods if m not in task.baselines])
+    seeds = a.seeds or list(task.seeds)
+    if len(task.seeds) == 1 and len(seeds) > 1:  # a one-seed task: its seed picks data, not a sampling run
+        raise ConfigError(f"{task.name} takes one seed (got {', '.join(map(str, seeds))}); run one sweep per seed, e.g. --seeds 1 --out DIR-1")
     flags = {dest: default if getattr(a, dest, None) is None else getattr(a, dest) for dest, default in task.flags.items()}
     if model is None:
         from ..assets import load_runner
 
-        runner = load_runner(name, task.kind)
+        runner = load_runner(name, task.kind, dtype=a.dtype)
     else:
         from ..runners import runner_for
 
         runner = runner_for(model, tokenizer)
     grid = task.strengths  # as the command line would give it: lists
     strengths = strengths_arg(a.strengths) if a.strengths else ({k: list(v) for k, v in grid.items()} if isinstance(grid, dict) else list(grid))
-    rows = task.sweep(runner, out, methods=methods, strengths=strengths, fit=fit, method_options=method_options, seeds=a.seeds,
+    rows = task.sweep(runner, out, methods=methods, strengths=strengths, fit=fit, method_options=method_options, seeds=seeds,
                       model_name=name, restart=a.restart, **flags)
     if task.footnote is not None:
         from ..evaluate.results import load_results

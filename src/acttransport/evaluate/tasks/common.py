@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from ...artifact import TransportMap
@@ -17,7 +18,7 @@ from ...options import FitOptions
 from ...steer import load, steer
 from ..grid import UNSTEERED, Strengths, digest, make_cells
 
-__all__ = ["MapCache", "MethodOptions", "N_WIKI", "WIKI_PPL_TOKENS", "check_grid", "check_method_options", "fit_config", "fitter", "steering",
+__all__ = ["MapCache", "MethodOptions", "N_WIKI", "WIKI_PPL_TOKENS", "check_grid", "check_method_options", "dtype_config", "fit_config", "fitter", "steering",
            "t2i_fit_config", "wiki_config", "wiki_metrics", "wiki_texts"]
 
 #: Held-out Wikipedia sentences PPL-Wiki is measured on, by default.
@@ -66,6 +67,16 @@ def fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> 
     opts = {"method_options": {m: dict(o) for m, o in method_options.items()}} if method_options else {}
     return {"modules": d["modules"], **layers, "support": d["support"], "pooling": d["pooling"], "causal": d["causal"],
             "condition": d["condition"], "batch_size": d["batch_size"], "max_length": d["max_length"], **gate, **opts}
+
+
+def dtype_config(model: Any) -> dict[str, str]:
+    """``{"dtype": name}`` for a model (or pipeline) whose floating parameters are not float32;
+    ``{}`` for float32, so sweeps made before the field existed keep their config hash."""
+    module = model if isinstance(model, nn.Module) else getattr(model, "unet", None) or getattr(model, "transformer", None)
+    dtype = getattr(model, "dtype", None)
+    if isinstance(module, nn.Module):
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), dtype)
+    return {} if dtype in (None, torch.float32) else {"dtype": str(dtype).removeprefix("torch.")}
 
 
 def t2i_fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from ..results import aggregate
 from ..store import prepare
 from ..sweep import run_sweep
 from ..grid import config_hash, digest, make_cells, strengths_per_method
-from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, dtype_config, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 __all__ = ["CONCEPT_FIT", "METRICS", "STORY_PROMPTS", "concept_sweep", "concepts_markdown", "summarize_concepts"]
 
@@ -212,7 +212,7 @@ def concept_sweep(
         cal = dataclasses.asdict(judge.calibrate(c, splits[c.name][1], negatives, seed=data_seed))
         calib[c.name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()}
     config = {
-        "task": "concept", "model": model_name or model_id(model), **fit_config(fit, method_options), "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
+        "task": "concept", "model": model_name or model_id(model), **dtype_config(model), **fit_config(fit, method_options), "data_seed": data_seed, "n_fit": n_fit, "n_heldout": n_heldout, "n_generations": n_generations,
         "concepts": {c.name: {"definition": c.definition, "keywords": list(c.keywords)} for c in cs},
         "source": "generic sentences", "target": "sentences about the concept", **data_desc, "prompts": prompts,
         "sampling": dataclasses.asdict(sampling),

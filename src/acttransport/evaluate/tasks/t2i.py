@@ -36,7 +36,7 @@ from ...steer import check_strength, gate_history
 from ..grid import UNSTEERED, Strengths, make_cells, strengths_per_method
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import MapCache, MethodOptions, check_grid, check_method_options, fitter, steering, t2i_fit_config
+from .common import MapCache, MethodOptions, check_grid, check_method_options, dtype_config, fitter, steering, t2i_fit_config
 from .images import background_ok, border_stats, cell_seeds, generate_images, load_images, save_grid, save_images, twin_similarity
 
 __all__ = ["NEGATIVE_PROMPT", "T2I_FIT", "T2I_STRENGTHS", "T2IData", "default_guidance", "negation_data", "negation_sweep", "negative_prompt", "style_data", "style_sweep", "t2i_sweep"]
@@ -242,7 +242,7 @@ def t2i_sweep(
         judge = load_toy_judge()
     valid_range = valid_range or _valid_range()
     config = {
-        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **t2i_fit_config(fit, method_options), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
+        "task": task, "model": model_name or getattr(pipe, "name_or_path", None) or type(pipe).__name__, **dtype_config(pipe), **t2i_fit_config(fit, method_options), "goal": list(d.goal), "data": d.description, "n_fit": len(d.source),
         "n_images": len(d.prompts), **({"n_controls": len(d.controls)} if d.controls else {}), "prompts_digest": hash_prompts(d), "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "data_seed": data_seed, "judge": type(judge).__name__, "valid_range": list(valid_range),
     }

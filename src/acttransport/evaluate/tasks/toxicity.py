@@ -25,7 +25,7 @@ from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
 from ..metrics import mc_scores
 from ..store import amend_cells, prepare
 from ..sweep import run_sweep
-from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, dtype_config, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 #: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
 REF_PPL_TOKENS = 50
@@ -89,10 +89,10 @@ def toxicity_data(
 
 
 def toxicity_config(model_name: str | None, fit: FitOptions, d: ToxicityData, data_seed: int, sampling: Sampling, judge: Judge,
-                    ppl_model: str | None, method_options: MethodOptions | None = None) -> dict[str, Any]:
-    """The sweep's fixed configuration (everything but the grid)."""
+                    ppl_model: str | None, method_options: MethodOptions | None = None, dtype: dict[str, str] | None = None) -> dict[str, Any]:
+    """The sweep's fixed configuration (everything but the grid); ``dtype``: :func:`dtype_config` of the model."""
     return {
-        "task": "toxicity", "model": model_name, **fit_config(fit, method_options), "data_seed": data_seed, **d.descriptions,
+        "task": "toxicity", "model": model_name, **(dtype or {}), **fit_config(fit, method_options), "data_seed": data_seed, **d.descriptions,
         "clean_ppl": "token-weighted: exp(sum nll / sum tokens)",
         "factual_ppl": "token-weighted, the true statements of the capability pairs",
         "factual_ppl_ref": f"mean per-sentence PPL of the true statements, first {REF_PPL_TOKENS} tokens (the reference's definition)",
@@ -280,7 +280,7 @@ def toxicity_sweep(
 
         judge = ToxicityJudge.load_or_train()
     config = toxicity_config(model_name or model_id(model), fit, d, data_seed, sampling, judge, ppl_model[2] if ppl_model else None,
-                             method_options)
+                             method_options, dtype_config(model))
     out = prepare(out_dir, config, restart)
     maps = MapCache(out, model, fitter(model, tokenizer, d.source, d.target, fit, data_seed, d.descriptions["fit_data"], progress,
                                            method_options))

@@ -16,7 +16,7 @@ from ..grid import Strengths, digest, make_cells
 from ..metrics import mc_scores
 from ..store import prepare
 from ..sweep import run_sweep
-from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
+from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, dtype_config, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 __all__ = ["MAX_BATCH", "split_pairs", "truthfulness_sweep"]
 
@@ -100,7 +100,7 @@ def truthfulness_sweep(
     fit_pairs, eval_pairs = split_pairs(pairs, seed)
     wiki_list, wiki_desc = wiki_texts(n_wiki, seed, wiki)
     config = {
-        "task": "truthfulness", "model": model_name or model_id(model), **fit_config(fit, method_options), "split_seed": seed, "data": data,
+        "task": "truthfulness", "model": model_name or model_id(model), **dtype_config(model), **fit_config(fit, method_options), "split_seed": seed, "data": data,
         "n_fit": len(fit_pairs), "n_eval": len(eval_pairs), "source": "false statements", "target": "true statements",
         **wiki_config(wiki_list, wiki_desc),
     }
