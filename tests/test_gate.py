@@ -15,7 +15,7 @@ from acttransport import cli
 from acttransport.artifact import GATED_FORMAT, read_map
 from acttransport.errors import ConfigError, DataError, MapFormatError
 from acttransport.steer import gate_history, is_steered
-from acttransport.transport.gate import GATE_KINDS, Gate, auc, calibrate, fit_gate
+from acttransport.transport.gate import GATE_KINDS, Gate, auc, calibrate, fit_gate, split_holdout
 from conftest import VOCAB, make_llama, make_tokenizer, sentences
 
 SRC, TGT = sentences(32, 2, 100, seed=1), sentences(32, 150, 300, seed=2)
@@ -61,6 +61,39 @@ def test_fit_gate_on_separable_blobs_and_the_calibrated_rate():
     assert calibrate(s, 0.01, torch.tensor([30.0, 25.0])) == 22.0 and calibrate(s, 0.05, torch.tensor([18.5])) == 18.25
     assert int((s > calibrate(s, 0.12)).sum()) == 2
     assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.875)
+
+
+def test_a_position_gate_is_fitted_and_calibrated_on_held_out_tokens():
+    """Position mode: split by sentence, fitted on every training token, the threshold letting at
+    most floor(rate · held-out target tokens) of them through; source sentences hold some
+    source-like tokens among target-like ones, as an insult holds one insulting word."""
+    g = torch.Generator().manual_seed(3)
+    shift = torch.tensor([3.0, 0, 0, 0])
+
+    def sentence(n_src: int, n: int) -> torch.Tensor:
+        x = torch.randn(n, 4, generator=g)
+        x[:n_src] += shift
+        return x[torch.randperm(n, generator=g)]
+
+    a = [sentence(2, 6 + i % 5) for i in range(40)]  # two source-like tokens each
+    b = [sentence(0, 4 + i % 7) for i in range(40)]
+    for kind in GATE_KINDS:
+        gate = fit_gate(kind, a, b, "m", rate=0.05, mode="position", seed=2)
+        r = gate.report
+        assert gate.mode == "position" and r["n_held"] == [10, 10] and r["n_train"] == [30, 30], (kind, r)
+        held_b = torch.cat([b[int(i)] for i in split_holdout(len(b), 3)[1]])  # fit_gate holds out the target with seed + 1
+        assert r["n_held_tokens"][1] == len(held_b)
+        n_open = int((gate.score(held_b) > gate.threshold).sum())
+        assert n_open <= int(0.05 * len(held_b)) and r["opens_target"] == pytest.approx(n_open / len(held_b), abs=1e-6)
+        # per token the source sentences' target-like tokens stay closed, but nearly every source sentence opens somewhere
+        assert r["opens_source"] < 0.6 and r["opens_source_any"] >= 0.8 and r["opens_source_any"] > r["opens_target_any"], (kind, r)
+        assert "% of tokens of 10 source" in gate.describe()
+    with pytest.raises(DataError, match="one \\[tokens, d\\] tensor per sentence"):
+        fit_gate("probe", [torch.randn(3, 4)] * 8 + [torch.randn(4)], b, "m", mode="position")
+    with pytest.raises(DataError, match="one width"):
+        fit_gate("probe", a, [torch.randn(3, 5)] * 10, "m", mode="position")
+    with pytest.raises(ConfigError, match="unknown gate mode 'window'"):
+        fit_gate("probe", a, b, "m", mode="window")
 
 
 def test_probe_equals_a_logistic_regression_oracle():
@@ -231,6 +264,87 @@ def test_token_mode_scores_the_running_mean_and_matches_decoding_step_by_step(ll
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert len(hist) == 2 and hist[1]["tokens"].tolist() == [ids.shape[1] - k]
     assert hist[1]["open_tokens"].tolist() == [float(want[k:].sum())] and torch.equal(hist[1]["prompt_open"][0], want[:k])
+
+
+def test_position_mode_scores_each_token_alone_and_matches_decoding_step_by_step(llama, tok):
+    tmap = at.estimate(llama, tok, SRC, TGT, modules="@all-norms", gate="probe", gate_mode="position", progress=False)
+    gate = tmap.gate
+    assert gate.mode == "position" and "n_held_tokens" in gate.report
+    ids = tok(["w5 w9 w170 w181 w222 w3 w290 w200"], return_tensors="pt")["input_ids"]
+    seen = {}
+    h = llama.get_submodule(gate.module).register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
+    with torch.no_grad():
+        llama(input_ids=ids)
+    h.remove()
+    x = seen["x"][0].double()  # [T, d]
+    running = x.cumsum(0) / torch.arange(1, ids.shape[1] + 1)[:, None]
+    srt = gate.score(x).sort().values
+    gate = gate.replace(threshold=float(srt[3] + srt[4]) / 2)  # halfway between two scores: half the positions open, no ties
+    want = gate.value(x)
+    assert 0 < float(want.sum()) < ids.shape[1] and not torch.equal(want, gate.value(running))  # not the running mean's values
+    tm = tmap.with_gate(gate)
+    with torch.no_grad(), at.steer(llama, tm, 1.0):
+        full = llama(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        first = gate_history(llama)[0]
+        assert torch.equal(first["prompt_open"][0], want) and first["open"].tolist() == [float(want[-1])]
+        k = 3
+        out = llama(input_ids=ids[:, :k], attention_mask=torch.ones_like(ids[:, :k]), use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        for t in range(k, ids.shape[1]):
+            out = llama(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]), past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+        hist = gate_history(llama)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert len(hist) == 2 and hist[1]["tokens"].tolist() == [ids.shape[1] - k]
+    assert hist[1]["open_tokens"].tolist() == [float(want[k:].sum())] and torch.equal(hist[1]["prompt_open"][0], want[:k])
+    # per position λ·g: a closed position's logits are the ungated λ = 0 ones only when every earlier position is closed too
+    with torch.no_grad():
+        base = llama(input_ids=ids).logits
+    first_open = int(want.nonzero()[0])
+    assert torch.equal(full[0, :first_open], base[0, :first_open]) and not torch.equal(full[0, first_open], base[0, first_open])
+
+
+def test_position_gate_fitted_from_the_sets_opens_on_source_tokens_and_records_generation(tok):
+    """Fitted per token on a model whose source words are separable from the target's: in a
+    mixed prompt it opens exactly on the source words; generate() records it like token mode
+    (left-padded batch: padding counts for nothing)."""
+    model = Separable().eval()
+    tmap = at.estimate(model, tok, SRC, TGT, ["first", "second"], gate="probe", gate_mode="position", progress=False)
+    r = tmap.gate.report
+    assert tmap.gate.mode == "position" and r["auc"] == 1.0 and 0 < r["opens_target"] <= 0.05 and r["opens_source"] == 1.0
+    assert r["n_held_tokens"][1] > r["n_held"][1]  # calibrated on tokens: floor(0.05 · 45) = 2 held-out target tokens may open
+    tmap = at.estimate(model, tok, SRC, TGT, ["first", "second"], gate="probe", gate_mode="position", gate_rate=0.01, progress=False)
+    r = tmap.gate.report
+    assert r["opens_target"] == 0.0 and r["opens_source_any"] == 1.0  # floor(0.01 · 45) = 0: none
+    tok.padding_side = "left"
+    enc = tok(["w5 w170 w9 w200", "w250 w3"], return_tensors="pt", padding=True)  # row 1 padded with two positions
+    base = _run(model, tok, ["w5 w170 w9 w200", "w250 w3"])
+    with at.steer(model, tmap, 1.0):
+        with torch.no_grad():
+            out = model(**enc)
+        h = gate_history(model)[0]
+    assert h["prompt_open"].tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]] and h["prompt_tokens"].tolist() == [4.0, 2.0]
+    assert h["open"].tolist() == [0.0, 1.0]  # at each row's last real token
+    assert torch.equal(out[0, 1], base[0, 1]) and not torch.equal(out[0, 0], base[0, 0])  # per position, no memory of w5
+    llama_like = make_llama()
+    lm = at.estimate(llama_like, tok, SRC, TGT, modules="@all-norms", gate="ratio", gate_mode="position", progress=False)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad(), at.steer(llama_like, lm, 1.0):
+        gen = llama_like.generate(**tok(["w5 w9 w12", "w170 w181 w222 w290"], return_tensors="pt", padding=True), **kw)
+        hist = gate_history(llama_like)
+    assert len(hist) == 1 and hist[0]["tokens"].tolist() == [kw["max_new_tokens"] - 1] * 2
+    # the recorded openings are the gate's values on the unsteered gate-module output of the fed tokens (the gate module is read first)
+    fed = gen[:, :-1]
+    mask = (fed != tok.pad_token_id).long()
+    seen = {}
+    hk = llama_like.get_submodule(lm.gate.module).register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
+    with torch.no_grad():
+        llama_like(input_ids=fed, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    hk.remove()
+    vals = lm.gate.value(seen["x"]) * mask
+    t0 = hist[0]["prompt_open"].shape[1]
+    assert torch.equal(hist[0]["prompt_open"], vals[:, :t0]) and hist[0]["open_tokens"].tolist() == vals[:, t0:].sum(1).tolist()
 
 
 def test_the_gate_must_be_read_before_the_modules_it_gates(llama, tok):

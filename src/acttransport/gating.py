@@ -6,7 +6,7 @@ a mask (``generate`` on an unpadded batch sends none), ``cache_position``, the K
 or ``position_ids`` — to tell whether the call starts a sequence (prefill) or extends one (a
 decoding step); a forward hook on the gate's module pools
 its output and scores it; each mapped module's hook then asks :meth:`GateReader.weights` for
-its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
+its per-row (``sequence`` mode) or per-token (``token`` and ``position`` mode) gate values.
 
 * ``sequence`` — at prefill, the mean of the prompt's real tokens is scored once per row; the
   value is kept for every generated token of that row. A call without a cache that repeats the
@@ -15,6 +15,11 @@ its per-row (``sequence`` mode) or per-token (``token`` mode) gate values.
 * ``token`` — the running mean of the row's real tokens so far (prompt and generated) is
   scored at every position; a padding position gets 0. Without a cache the re-run rows'
   new tokens are counted as generated ones of the same prompt, as with one.
+* ``position`` — each position's own vector is scored, with no memory of earlier tokens: the
+  hidden state at the last position is the model's state as it picks the next token, so the
+  gate can open right before a word the source set holds even after a long target-like
+  prompt that would dilute a running mean. Padding gets 0; its history is token mode's. Its
+  threshold is calibrated per token (:func:`~acttransport.transport.gate.fit_gate`).
 
 The gate module must run before every mapped module in each forward pass (it usually is the
 first mapped module, read before its map acts); a mapped module that runs before the gate has
@@ -47,13 +52,14 @@ class GateReader:
 
     Args:
         gate: the map's gate.
-        mode: ``sequence`` or ``token`` (see the module docstring).
+        mode: ``sequence``, ``token`` or ``position`` (see the module docstring).
         gated: the specs of the mapped modules it gates.
 
     Attributes:
         history: one entry per prefill (a forward call that starts sequences), in order:
             ``{"score": [B], "open": [B]}`` — each row's prompt score and gate value (in token
-            mode the value at the prompt's last token) — and, in token mode, ``"open_tokens"`` /
+            and position mode the value at the prompt's last token) — and, in token and position
+            mode, ``"open_tokens"`` /
             ``"tokens"`` ``[B]``: how many of the row's later (generated) tokens opened it, of how many,
             ``"prompt_open"`` ``[B, T]``: its value at each prompt position (0 at padding) and
             ``"prompt_tokens"`` ``[B]``: the prompt's real tokens.
@@ -63,10 +69,10 @@ class GateReader:
         self.gate, self.mode, self.gated = gate, mode, list(gated)
         self.mask: Tensor | None = None  # the call's attention mask, [B, past + T]
         self.start: int | None = None  # tokens already in the cache (cache_position, cache length or position_ids), for a call without a mask
-        self.values: Tensor | None = None  # [B] (sequence) or [B, T] (token) for the current pass
+        self.values: Tensor | None = None  # [B] (sequence) or [B, T] (token, position) for the current pass
         self.pending: set[str] = set()  # mapped modules that have not read the current values yet
         self.kept: Tensor | None = None  # sequence mode: the prefill's values, kept for decoding
-        self.sums: Tensor | None = None  # token mode: running sums [B, d] and counts [B]
+        self.sums: Tensor | None = None  # token / position mode: running sums [B, d] and counts [B]
         self.counts: Tensor | None = None
         self.history: list[dict[str, Tensor]] = []
         self.ids: Tensor | None = None  # the call's input_ids [B, T], when given
@@ -133,7 +139,8 @@ class GateReader:
                                   "`steer` block, with the same batch")
             sums = self.sums[:, None] + xd.cumsum(1)  # [B, T, d]
             counts = self.counts[:, None] + real.cumsum(1)  # [B, T]
-            scores = self.gate.score(sums / counts.clamp_min(1)[..., None])  # [B, T]
+            z = sums / counts.clamp_min(1)[..., None] if self.mode == "token" else xd  # [B, T, d]: running mean or each position's own
+            scores = self.gate.score(z)  # [B, T]
             vals = (scores > self.gate.threshold).double() * real
             self.sums, self.counts = sums[:, -1], counts[:, -1]
             self.values = vals
@@ -143,7 +150,7 @@ class GateReader:
                 h["tokens"] += real[:, grown:].sum(1).cpu()
             elif past == 0:
                 zeros = torch.zeros(b, dtype=torch.float64)
-                last = scores[:, -1].cpu()  # the running mean at each row's last real token (padding adds nothing)
+                last = _at_last(scores, real).cpu()  # the score at each row's last real token
                 self.history.append({"score": last, "open": (last > self.gate.threshold).double(), "open_tokens": zeros, "tokens": zeros.clone(),
                                      "prompt_open": vals.cpu(), "prompt_tokens": real.sum(1).cpu()})
             elif self.history:
@@ -172,6 +179,14 @@ class GateReader:
             raise ModuleMatchError(f"token-mode gating needs {spec}'s output to be [batch, tokens, units] with the gate module's "
                                    f"{v.shape[1]} tokens, got {tuple(x.shape)}; use gate='sequence'")
         return v[..., None]
+
+
+def _at_last(scores: Tensor, real: Tensor) -> Tensor:
+    """``scores`` ``[B, T]`` at each row's last real position (``real`` ``[B, T]``, 1 for a real
+    token; left or right padding); the last position for a row with none."""
+    t = real.shape[1]
+    last = t - 1 - torch.flip((real > 0).long(), dims=[1]).argmax(dim=1)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
 
 
 def _past_length(kwargs: dict) -> int | None:

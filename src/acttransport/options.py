@@ -94,7 +94,9 @@ class FitOptions:
         gate_module: the module spec the gate reads; it must run no later than the first mapped
             module. None: the first mapped module in execution order.
         gate_mode: where a causal LM's gate reads by default: ``sequence`` (the prompt, decided
-            at prefill) or ``token`` (the running mean of the tokens so far).
+            at prefill), ``token`` (the running mean of the tokens so far) or ``position`` (each
+            token on its own; the gate is then fitted on, and calibrated to ≤ ``gate_rate`` of,
+            held-out target tokens).
     """
 
     modules: tuple[str, ...] | None = _opt(None, "module patterns (regex full match over named_modules(), ':k' for element k "
@@ -127,8 +129,8 @@ class FitOptions:
                                   "ratio (per-unit Gaussian likelihood ratio) or cosine (CAST-style); default: no gate", choices="gates")
     gate_rate: float = _opt(0.05, "share of held-out target inputs the gate's calibrated threshold lets through")
     gate_module: str | None = _opt(None, "module the gate reads (it must run before the mapped modules); default: the first mapped module")
-    gate_mode: str = _opt("sequence", "causal LMs: the gate reads the prompt once (sequence) or the running mean of the tokens so far "
-                                      "(token)", choices="gate_modes")
+    gate_mode: str = _opt("sequence", "causal LMs: the gate reads the prompt once (sequence), the running mean of the tokens so far "
+                                      "(token) or each token's own activations, fitted and calibrated per token (position)", choices="gate_modes")
 
     def __post_init__(self) -> None:
         mods = self.modules

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..options import add_fit_arguments, fit_options_from_args
+from ..transport.gate import GATE_MODES
 from .common import MAP_HELP, MODEL_HELP, load_lm, load_maps, read_lines, stack_at, subsample
 from .diffusion import add_runner_arguments, fit_pipeline
 
@@ -344,8 +345,9 @@ def add_core_commands(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print JSON instead of a listing")
     g.add_argument("--no-gate", action="store_true", help="steer every prompt even when the map has a gate")
-    g.add_argument("--gate-mode", choices=["sequence", "token"],
-                   help="a gated map: read the gate once from the prompt (sequence) or from the running mean of the tokens so far (token); "
+    g.add_argument("--gate-mode", choices=list(GATE_MODES),
+                   help="a gated map: read the gate once from the prompt (sequence), from the running mean of the tokens so far (token) "
+                        "or from each token's own activations (position); "
                         "default: the map's own")
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)

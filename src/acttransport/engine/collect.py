@@ -20,7 +20,8 @@ from ..targets.layouts import POOLINGS, apply_map
 from ..targets.names import add_hooks, match_modules, pick_output, remove_hooks, replace_output
 from ..transport.maps import ModuleMap
 
-__all__ = ["Site", "StopForward", "apply_to_rows", "check_texts", "collect", "collect_sites", "execution_order", "release_freed_memory", "steer_rows"]
+__all__ = ["Site", "StopForward", "apply_to_rows", "check_texts", "collect", "collect_sites", "collect_tokens", "execution_order", "release_freed_memory",
+           "steer_rows"]
 
 Site = tuple[str, int]
 _LIBC: list[Any] = []
@@ -201,6 +202,45 @@ def collect_sites(runner: Runner, items: Sequence[Any], sites: Sequence[Site], p
             raise ModuleMatchError(f"{site[0]} did not run once per forward pass; it cannot be collected (is it used by this model's forward?)")
         out[site] = torch.cat(chunks[site])[inverse]
     return out
+
+
+def collect_tokens(runner: Runner, items: Sequence[Any], spec: str, progress: bool = False) -> list[Tensor]:
+    """The per-token output of module ``spec`` for each input, unpooled: one ``[T_i, d]``
+    float32 tensor per item (its real tokens, padding dropped), in the order of ``items``.
+    Each forward call stops once ``spec`` has run.
+
+    Raises:
+        ModuleMatchError: ``spec``'s output is not ``[batch, tokens, units]`` with the runner's
+            token mask, or it did not run in a forward call.
+    """
+    out: dict[int, Tensor] = {}
+    state: dict[str, Any] = {"batch": None}
+
+    def hook(module, args, output):
+        batch, x = state["batch"], pick_output(output, spec)
+        mask = batch.mask
+        if x.ndim != 3 or mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ModuleMatchError(f"{spec} outputs {tuple(x.shape)}; per-token activations need a [batch, tokens, units] output "
+                                   f"with the token mask ({None if mask is None else tuple(mask.shape)})")
+        keep = mask.to(x.device) > 0
+        for i, row in enumerate(batch.rows):
+            out[row] = x[i][keep[i]].detach().float().cpu()
+        raise StopForward
+
+    handles = add_hooks(runner.model, [spec], lambda s: hook)
+    try:
+        for batch in tqdm(runner.batches(items), desc="collect tokens", unit="batch", disable=not progress, leave=False):
+            state["batch"] = batch
+            try:
+                runner.forward(batch)
+            except StopForward:
+                pass
+            release_freed_memory()
+    finally:
+        remove_hooks(handles)
+    if len(out) != len(items):
+        raise ModuleMatchError(f"{spec} did not run in every forward pass; it cannot be collected (is it used by this model's forward?)")
+    return [out[i] for i in range(len(items))]
 
 
 def collect(

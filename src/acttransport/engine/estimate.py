@@ -28,7 +28,7 @@ from ..transport.gate import Gate, fit_gate, split_holdout
 from ..transport.maps import ModuleMap
 from ..transport.support import support_bounds
 from .causal import fit_causal_one_pass
-from .collect import Site, check_texts, collect_sites, execution_order
+from .collect import Site, check_texts, collect_sites, collect_tokens, execution_order
 from .distributed import current_group, failing_together, gather_rows, shard
 from .layerwise import fit_causal_layerwise
 from .lineas import fit_lineas_joint
@@ -171,7 +171,14 @@ def _gate_module(runner: Runner, sites: Sequence[Site], spec: str | None) -> str
 
 def _fit_gate(runner: Runner, source: list[str], target: list[str], module: str, opts: FitOptions) -> Gate:
     """The gate of ``opts.gate`` on the unsteered mean-pooled output of ``module`` (one truncated
-    pass; in a diffusion pipeline at the first denoising step, the conditional half)."""
+    pass; in a diffusion pipeline at the first denoising step, the conditional half) — in
+    ``position`` mode on its per-token output, one ``[T_i, d]`` tensor per sentence."""
+    if opts.gate_mode == "position":
+        if runner_attr(runner, "denoiser") is not None:
+            raise ConfigError("gate_mode='position' is for causal LMs; a diffusion pipeline's gate reads each image at the first "
+                              "denoising step (leave gate_mode unset)")
+        toks = collect_tokens(runner, source + target, module)
+        return fit_gate(opts.gate, toks[: len(source)], toks[len(source) :], module, opts.gate_rate, opts.gate_mode, opts.seed)
     acts = collect_sites(runner, source + target, [(module, 0)], "mean", stop_after=(module, 0), progress=False)[(module, 0)]
     return fit_gate(opts.gate, acts[: len(source)], acts[len(source) :], module, opts.gate_rate, opts.gate_mode, opts.seed)
 

@@ -209,8 +209,8 @@ def _attach(model: Any, name: str, tmap: TransportMap, strength: float | Sequenc
     if rows is not None and (per_step or halves == "cond"):
         raise ConfigError("per-row strengths are for causal LMs; a diffusion pipeline takes one strength per call")
     pipeline = denoiser_name(model) is not None
-    if mode == "token" and pipeline:
-        raise ConfigError("gate='token' is for causal LMs; a diffusion pipeline's gate reads each image at the first denoising step (gate=True)")
+    if mode in ("token", "position") and pipeline:
+        raise ConfigError(f"gate={mode!r} is for causal LMs; a diffusion pipeline's gate reads each image at the first denoising step (gate=True)")
     entry = Attached(name, tmap, lam if rows is None else rows, mode)
     if mode is not None and (rows is not None or lam != 0.0):
         entry.reader = ImageGateReader(tmap.gate, tmap.modules, model) if pipeline else GateReader(tmap.gate, mode, tmap.modules)
@@ -305,8 +305,8 @@ def steer(model: Any, tmap: TransportMap | Mapping[str, Any], strength: float | 
             it cannot tell raises :class:`~acttransport.errors.ConfigError` under ``cond``.
         gate: with a map that has a gate (``tmap.gate``): True applies it in its own mode —
             row i (or token t of row i) gets ``x + λᵢ·gᵢ·(T(x) − x)``, ``g`` ∈ {0, 1} read from
-            the gate's module in the same forward pass (closed rows stay bit for bit); ``"sequence"``
-            or ``"token"`` chooses the mode (see :mod:`acttransport.gating`); False steers every
+            the gate's module in the same forward pass (closed rows stay bit for bit); ``"sequence"``,
+            ``"token"`` or ``"position"`` chooses the mode (see :mod:`acttransport.gating`); False steers every
             input. A diffusion pipeline's gate gives one value per image, read at the first
             denoising step. :func:`gate_history` tells what the gate read.
         name: the name of a single map in the registry (default ``"map"``, ``"map-2"``, ...).

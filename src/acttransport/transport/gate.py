@@ -1,9 +1,10 @@
 """Gates: how source-like an input is, fitted from the same two sets a map is fitted on.
 
-Pure tensor functions, no model anywhere near. A :class:`Gate` scores one pooled activation
-vector ``z`` (``[..., d]``, the mean over tokens of one early module's output) with a score
-``s(z)`` (larger = more source-like) and opens (value 1) where ``s(z) > threshold``, else stays
-closed (value 0); steering then applies the map at λ·g instead of λ. Kinds:
+Pure tensor functions, no model anywhere near. A :class:`Gate` scores one activation vector
+``z`` (``[..., d]`` of one early module's output: the mean over tokens in ``sequence`` and
+``token`` mode, one token's own vector in ``position`` mode) with a score ``s(z)`` (larger =
+more source-like) and opens (value 1) where ``s(z) > threshold``, else stays closed (value 0);
+steering then applies the map at λ·g instead of λ. Kinds:
 
 * ``probe`` — L2-regularised logistic regression on standardised activations
   (:func:`fit_probe`); ``s`` is its logit.
@@ -17,6 +18,14 @@ closed (value 0); steering then applies the map at λ·g instead of λ. Kinds:
 the threshold so that at most ``rate`` of the held-out target inputs open the gate (halfway
 to the next held-out score, :func:`calibrate`); the
 held-out AUC and both sets' opening rates go into :attr:`Gate.report`.
+
+A ``position`` gate is fitted and calibrated on the statistic it reads at run time, single
+tokens: the sentences are split into train / held-out as whole sentences, the score is fitted
+on every token of the training sentences (each labelled with its sentence's set), and the
+threshold set so that at most ``rate`` of the held-out target *tokens* open it; the report's
+rates and AUC are per token, with ``opens_source_any`` / ``opens_target_any`` the shares of
+held-out sentences with at least one open token. (A gate fitted in another mode and read per
+position, or the reverse, keeps a threshold calibrated on the other statistic.)
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -41,8 +50,9 @@ GATE_KINDS: dict[str, tuple[str, ...]] = {
     "cosine": ("center", "direction"),
 }
 #: Where a causal LM's gate reads: the prompt's mean (decided at prefill, kept for the
-#: generated tokens) or the running mean of the tokens so far (a value per token).
-GATE_MODES = ("sequence", "token")
+#: generated tokens), the running mean of the tokens so far (a value per token), or each
+#: token's own vector (a value per token, no memory of earlier ones).
+GATE_MODES = ("sequence", "token", "position")
 #: Share of each set held out to calibrate the threshold.
 HOLDOUT = 0.25
 #: Fewest inputs per set a gate is fitted from (a quarter of them held out).
@@ -62,14 +72,17 @@ class Gate:
 
     Attributes:
         kind: a key of :data:`GATE_KINDS`.
-        module: the module spec whose output it reads (mean over tokens).
+        module: the module spec whose output it reads (mean over tokens, or per token in
+            ``position`` mode).
         tensors: the kind's parameters, float32, each ``[d]`` (``bias``: ``[]``).
         threshold: the score above which the gate opens.
         rate: the stated share of held-out target inputs allowed to open it.
         mode: a causal LM's default reading, one of :data:`GATE_MODES`.
         report: held-out measures as JSON values: ``auc``, ``opens_source`` / ``opens_target``
             (the shares of held-out source / target inputs that open it), ``n_train`` and
-            ``n_held`` (``[source, target]`` counts).
+            ``n_held`` (``[source, target]`` counts); a ``position`` gate's rates and AUC are per
+            token, with ``n_held_tokens`` and ``opens_source_any`` / ``opens_target_any`` (held-out
+            sentences with at least one open token).
     """
 
     kind: str
@@ -126,9 +139,10 @@ class Gate:
     def describe(self) -> str:
         """One line: kind, module, threshold and the held-out measures."""
         r = self.report
-        held = (f"; held out: AUC {r['auc']:.3f}, opens on {100 * r['opens_source']:.1f}% of {r['n_held'][0]} source and "
-                f"{100 * r['opens_target']:.1f}% of {r['n_held'][1]} target inputs") if {"auc", "opens_source", "opens_target", "n_held"} <= set(r) else ""
-        return f"gate {self.kind} on {self.module} ({self.mode} mode), threshold {self.threshold:.4g} for ≤{100 * self.rate:g}% of target{held}"
+        unit = "tokens of " if "n_held_tokens" in r else ""
+        held = (f"; held out: AUC {r['auc']:.3f}, opens on {100 * r['opens_source']:.1f}% of {unit}{r['n_held'][0]} source and "
+                f"{100 * r['opens_target']:.1f}% of {unit}{r['n_held'][1]} target inputs") if {"auc", "opens_source", "opens_target", "n_held"} <= set(r) else ""
+        return f"gate {self.kind} on {self.module} ({self.mode} mode), threshold {self.threshold:.4g} for ≤{100 * self.rate:g}% of target{' tokens' if unit else ''}{held}"
 
 
 def gate_score(kind: str, tensors: dict[str, Tensor], z: Tensor) -> Tensor:
@@ -263,11 +277,17 @@ def split_holdout(n: int, seed: int, fraction: float = HOLDOUT) -> tuple[Tensor,
     return perm[k:].sort().values, perm[:k].sort().values
 
 
-def fit_gate(kind: str, a: Tensor, b: Tensor, module: str, rate: float = 0.05, mode: str = "sequence", seed: int = 0) -> Gate:
-    """Fits a gate on pooled activations of ``module``: source ``a`` ``[n, d]``, target ``b`` ``[m, d]``.
+def fit_gate(kind: str, a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor], module: str, rate: float = 0.05, mode: str = "sequence",
+             seed: int = 0) -> Gate:
+    """Fits a gate on activations of ``module``: source ``a``, target ``b``.
 
     A quarter of each set is held out (seeded); the score is fitted on the rest, and the
     threshold calibrated on the held-out target so that at most ``rate`` of it opens the gate.
+
+    Args:
+        a, b: pooled activations ``[n, d]`` / ``[m, d]`` (``sequence`` and ``token`` mode), or in
+            ``position`` mode one ``[T_i, d]`` tensor of per-token activations per sentence (the
+            split is by sentence; fitted and calibrated on the tokens, see the module docstring).
 
     Raises:
         ConfigError: unknown ``kind`` or ``mode``, ``rate`` outside (0, 1).
@@ -278,8 +298,10 @@ def fit_gate(kind: str, a: Tensor, b: Tensor, module: str, rate: float = 0.05, m
     rate = check_rate(rate)
     if mode not in GATE_MODES:
         raise ConfigError(f"unknown gate mode {mode!r}; choose one of: {', '.join(GATE_MODES)}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise DataError(f"a gate is fitted on [n, d] activations of one width, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if mode == "position":
+        return _fit_position_gate(kind, list(a), list(b), module, rate, seed)
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise DataError(f"a gate is fitted on [n, d] activations of one width, got {_shape(a)} and {_shape(b)}")
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         raise DataError(f"{module}: activations hold NaN or inf; a gate cannot be fitted there (choose another gate module)")
     (ta, ha), (tb, hb) = split_holdout(len(a), seed), split_holdout(len(b), seed + 1)
@@ -290,4 +312,38 @@ def fit_gate(kind: str, a: Tensor, b: Tensor, module: str, rate: float = 0.05, m
     report = {"auc": round(auc(sa, sb), 6), "opens_source": round(float((sa > thr).double().mean()), 6),
               "opens_target": round(float((sb > thr).double().mean()), 6), "n_train": [int(len(ta)), int(len(tb))],
               "n_held": [int(len(ha)), int(len(hb))]}
+    return gate.replace(threshold=thr, report=report)
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else f"{type(x).__name__}"
+
+
+def _fit_position_gate(kind: str, a: list[Tensor], b: list[Tensor], module: str, rate: float, seed: int) -> Gate:
+    """:func:`fit_gate` in ``position`` mode: ``a`` / ``b`` hold one ``[T_i, d]`` tensor per sentence."""
+    for name, xs in (("source", a), ("target", b)):
+        if not all(isinstance(x, Tensor) and x.ndim == 2 and x.shape[0] > 0 for x in xs):
+            raise DataError(f"a position gate is fitted on one [tokens, d] tensor per sentence; the {name} set holds "
+                            f"{[_shape(x) for x in xs if not (isinstance(x, Tensor) and x.ndim == 2 and x.shape[0] > 0)][:3]}")
+        if not all(bool(torch.isfinite(x).all()) for x in xs):
+            raise DataError(f"{module}: activations hold NaN or inf; a gate cannot be fitted there (choose another gate module)")
+    widths = {int(x.shape[1]) for x in a + b}
+    if len(widths) != 1:
+        raise DataError(f"a gate is fitted on activations of one width, got widths {sorted(widths)}")
+    (ta, ha), (tb, hb) = split_holdout(len(a), seed), split_holdout(len(b), seed + 1)
+
+    def cat(xs: list[Tensor], idx: Tensor) -> Tensor:
+        return torch.cat([xs[int(i)] for i in idx])
+
+    params = _FITS[kind](cat(a, ta), cat(b, tb))
+    gate = Gate(kind, module, params, threshold=0.0, rate=rate, mode="position")
+    per_a, per_b = [gate.score(a[int(i)]) for i in ha], [gate.score(b[int(i)]) for i in hb]  # per held-out sentence, [T_i]
+    sa, sb = torch.cat(per_a), torch.cat(per_b)
+    thr = calibrate(sb, rate, sa)
+    report = {"auc": round(auc(sa, sb), 6), "opens_source": round(float((sa > thr).double().mean()), 6),
+              "opens_target": round(float((sb > thr).double().mean()), 6),
+              "opens_source_any": round(sum(float((s > thr).any()) for s in per_a) / len(per_a), 6),
+              "opens_target_any": round(sum(float((s > thr).any()) for s in per_b) / len(per_b), 6),
+              "n_train": [int(len(ta)), int(len(tb))], "n_held": [int(len(ha)), int(len(hb))],
+              "n_held_tokens": [int(len(sa)), int(len(sb))]}
     return gate.replace(threshold=thr, report=report)
