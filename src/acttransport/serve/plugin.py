@@ -12,8 +12,9 @@ points are used (no patched vLLM):
   holds which request); it leaves the logits alone;
 * at each forward pass a hook reads the attention metadata's ``query_start_loc`` from vLLM's
   forward context (request i owns flattened tokens ``[qsl[i], qsl[i+1])``) and applies each map
-  at each strength to its requests' tokens only, with the package's own map kernel
-  (:func:`acttransport.targets.layouts.map_kernel`).
+  at each strength to its requests' tokens only (:mod:`.rows`: a per-token λ column for affine
+  maps on whole outputs, the map's kernel on selected rows otherwise), with the bits of the
+  package's own map kernel (:meth:`acttransport.transport.maps.ModuleMap.kernel`).
 
 Steering needs eager mode (``enforce_eager``): a compiled graph would freeze the hooks'
 Python-side choice of rows.
@@ -28,9 +29,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..targets.layouts import map_kernel
 from .names import Target
 from .registry import Registry, registry
+from .rows import ModuleSteer, Pass
 
 __all__ = ["LOAD_FORMAT", "SteerLogitsProcessor", "SteeredLoader", "attach_hooks", "register"]
 
@@ -47,16 +48,16 @@ class _Batch:
         self.generation = 0  # bumped before every forward pass
         self._plan: tuple[int, Any] | None = None
 
-    def plan(self) -> dict[str, list[tuple[float, torch.Tensor]]] | None:
-        """For this forward pass: map name → [(λ, flattened token indices)], or None when no
-        row is steered. Built once per pass from the forward context's query_start_loc."""
+    def plan(self) -> Pass | None:
+        """This forward pass's steered tokens (:class:`.rows.Pass`), or None when no row is
+        steered. Built once per pass from the forward context's query_start_loc."""
         if not self.rows:
             return None
         if self._plan is not None and self._plan[0] == self.generation:
             return self._plan[1]
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
-        plan: dict[str, list[tuple[float, torch.Tensor]]] | None = None
+        plan: Pass | None = None
         if is_forward_context_available():
             meta = get_forward_context().attn_metadata
             if isinstance(meta, list):  # micro-batches: not used in eager single-batch runs
@@ -66,13 +67,9 @@ class _Batch:
             qsl = getattr(meta, "query_start_loc", None)
             if qsl is not None:
                 bounds = qsl.tolist()
-                groups: dict[tuple[str, float], list[torch.Tensor]] = {}
-                for row, key in self.rows.items():
-                    if row + 1 < len(bounds) and bounds[row + 1] > bounds[row]:
-                        groups.setdefault(key, []).append(torch.arange(bounds[row], bounds[row + 1], device=qsl.device))
-                plan = {}
-                for (name, lam), parts in groups.items():
-                    plan.setdefault(name, []).append((lam, torch.cat(parts)))
+                spans = [(bounds[row], bounds[row + 1], name, lam) for row, (name, lam) in self.rows.items()
+                         if row + 1 < len(bounds) and bounds[row + 1] > bounds[row]]
+                plan = Pass(spans, qsl.device) if spans else None
         self._plan = (self.generation, plan)
         return plan
 
@@ -81,38 +78,21 @@ _BATCH = _Batch()
 
 
 def _hook(targets: list[tuple[str, Target]], reg: Registry) -> Callable:
-    """One forward hook for one vLLM module: every (map, target) placed on it. Only the rows
-    of steered tokens are recomputed; every other element of the output keeps its bits.
+    """One forward hook for one vLLM module: every (map, target) placed on it, applied by
+    :class:`.rows.ModuleSteer` (affine maps on whole outputs over all tokens at once, the rest
+    row group by row group). Only steered tokens change; every other element of the output
+    keeps its bits.
 
     The transformers tensor is the output itself or element 0 of a tuple (``[tokens, units]``),
     a column slice of it for a fused projection, or ``out[0] + out[1]`` for a decoder layer
     (whose steered rows are written back as ``T(h + r) − r``, the residual kept)."""
+    steer = ModuleSteer(targets, reg)
 
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
         plan = _BATCH.plan()
-        if not plan:
+        if plan is None:
             return None  # no steered row: the output untouched, bit for bit
-        for name, t in targets:
-            groups = plan.get(name)
-            if not groups:
-                continue
-            tup = isinstance(out, tuple)
-            y = out[0] if tup else out
-            res = out[1] if tup and t.pick == "sum" and len(out) > 1 and out[1] is not None else None
-            m = reg.entries[name].tmap.maps[t.spec]
-            new_y = y.clone()
-            for lam, idx in groups:
-                rows = y.index_select(0, idx)  # [n, units] (a copy)
-                r = None if res is None else res.index_select(0, idx)
-                x = rows if r is None else rows + r
-                xs = x if t.start is None else x[:, t.start:t.stop]
-                ys = map_kernel(xs, m, lam)(xs)
-                if t.start is not None:
-                    x[:, t.start:t.stop] = ys
-                    ys = x
-                new_y.index_copy_(0, idx, ys if r is None else ys - r)
-            out = (new_y, *out[1:]) if tup else new_y
-        return out
+        return steer(out, plan)
 
     return hook
 
