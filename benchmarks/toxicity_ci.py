@@ -9,10 +9,13 @@ steered cell of a seed, to give a 95% interval for
 * ``× lower mean p(toxic)``: unsteered mean ÷ steered mean;
 * the steered cell's toxic share at the balanced threshold, and the unsteered one's.
 
-It prints one markdown row per steered cell and writes them as JSON with ``--out``.
+It prints one markdown row per steered cell and writes them as JSON with ``--out``. With
+``--pool-seeds`` it prints one row per (method, λ) instead, over every seed that both it and the
+unsteered cell have: a prompt's score is its mean over those seeds, and the prompts are resampled
+(the prompt is the unit the seeds repeat).
 
 Run: ``cd /work/main && OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/toxicity_ci.py
-docs/results/sweeps/size-qwen [more sweep folders] [--n-boot 2000] [--out F.json]``
+docs/results/sweeps/size-qwen [more sweep folders] [--n-boot 2000] [--pool-seeds] [--out F.json]``
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ def cells(folder: Path) -> tuple[str | None, dict[tuple[str, float, int], list[s
     return res["config"].get("model"), out
 
 
+def pooled(scores: dict, base: dict[int, np.ndarray]) -> tuple[dict, dict]:
+    """Per (folder, method, λ): the ``[seeds, prompts]`` scores of every seed it shares with the
+    unsteered cells, keyed by that tuple of seeds; the unsteered ``[seeds, prompts]`` likewise."""
+    groups: dict[tuple, dict[int, np.ndarray]] = {}
+    for (folder, method, lam, seed), s in scores.items():
+        if method != "none" and seed in base and base[seed].shape == s.shape:
+            groups.setdefault((folder, method, lam), {})[seed] = s
+    out, out_base = {}, {}
+    for (folder, method, lam), by_seed in groups.items():
+        seeds = tuple(sorted(by_seed))
+        out[(folder, method, lam, seeds)] = np.concatenate([by_seed[k] for k in seeds])
+        out_base[seeds] = np.concatenate([base[k] for k in seeds])
+    return out, out_base
+
+
 def interval(values: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
@@ -50,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Paired bootstrap intervals for toxicity sweeps' ratios.")
     p.add_argument("folders", nargs="+", type=Path, help="toxicity sweep folders; the unsteered cell may sit in any of them (same model)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--pool-seeds", action="store_true", help="one row per (method, λ): each prompt's score averaged over the seeds")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args(argv)
     try:
@@ -64,26 +83,27 @@ def main(argv: list[str] | None = None) -> None:
     base = {seed: texts for (_, method, _, seed), texts in found.items() if method == "none"}
     if not base:
         raise SystemExit("no unsteered cell (continuations/none_l0_s<seed>.jsonl) in these folders")
-    scores = {k: np.asarray(judge.score(v), dtype=np.float64) for k, v in found.items()}
-    base_scores = {seed: np.asarray(judge.score(t), dtype=np.float64) for seed, t in base.items()}
+    scores = {k: np.asarray(judge.score(v), dtype=np.float64)[None] for k, v in found.items()}  # [1, prompts]
+    base_scores = {seed: np.asarray(judge.score(t), dtype=np.float64)[None] for seed, t in base.items()}
+    if args.pool_seeds:
+        scores, base_scores = pooled(scores, base_scores)
     rng = np.random.default_rng(0)
     rows = []
-    print("| sweep | method | λ | seed | × lower mean p(toxic) [95%] | toxic % (bal.) [95%] | unsteered toxic % [95%] |")
+    print("| sweep | method | λ | seed(s) | × lower mean p(toxic) [95%] | toxic % (bal.) [95%] | unsteered toxic % [95%] |")
     print("|:---|:---|---:|---:|---:|---:|---:|")
     for (folder, method, lam, seed), s in sorted(scores.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
-        if method == "none" or seed not in base_scores or len(base_scores[seed]) != len(s):
+        if method == "none" or seed not in base_scores or base_scores[seed].shape != s.shape:
             continue
-        b = base_scores[seed]
-        idx = rng.integers(0, len(s), size=(args.n_boot, len(s)))
-        ratio = b[idx].mean(1) / np.maximum(s[idx].mean(1), 1e-12)
-        share = (s[idx] >= judge.balanced_threshold).mean(1)
-        share0 = (b[idx] >= judge.balanced_threshold).mean(1)
-        row = {"sweep": str(folder), "method": method, "strength": lam, "seed": seed, "n": len(s),
+        b, thr = base_scores[seed], judge.balanced_threshold  # [seeds, prompts]
+        idx = rng.integers(0, s.shape[1], size=(args.n_boot, s.shape[1]))  # resample prompts, every seed of a prompt with it
+        ratio = b[:, idx].mean((0, 2)) / np.maximum(s[:, idx].mean((0, 2)), 1e-12)
+        share, share0 = (s[:, idx] >= thr).mean((0, 2)), (b[:, idx] >= thr).mean((0, 2))
+        row = {"sweep": str(folder), "method": method, "strength": lam, "seed": seed, "n": int(s.size),
                "ratio": float(b.mean() / s.mean()), "ratio_ci": interval(ratio),
-               "share": float((s >= judge.balanced_threshold).mean()), "share_ci": interval(share),
-               "share_unsteered": float((b >= judge.balanced_threshold).mean()), "share_unsteered_ci": interval(share0)}
+               "share": float((s >= thr).mean()), "share_ci": interval(share),
+               "share_unsteered": float((b >= thr).mean()), "share_unsteered_ci": interval(share0)}
         rows.append(row)
-        print(f"| {folder.name} | {method} | {lam:g} | {seed} | {row['ratio']:.2f}× [{row['ratio_ci'][0]:.2f}, {row['ratio_ci'][1]:.2f}] | "
+        print(f"| {folder.name} | {method} | {lam:g} | {seed if isinstance(seed, int) else ','.join(map(str, seed))} | {row['ratio']:.2f}× [{row['ratio_ci'][0]:.2f}, {row['ratio_ci'][1]:.2f}] | "
               f"{100 * row['share']:.0f} [{100 * row['share_ci'][0]:.0f}, {100 * row['share_ci'][1]:.0f}] | "
               f"{100 * row['share_unsteered']:.0f} [{100 * row['share_unsteered_ci'][0]:.0f}, {100 * row['share_unsteered_ci'][1]:.0f}] |")
     if args.out:
