@@ -109,7 +109,7 @@ class _Affines:
         self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """``[K + 1, C·d]``: row k + 1 holds map k's ``ω − 1``, ``β`` (and ``lo``, ``hi`` when
+        """``[K + 1, C, d]``: row k + 1 holds map k's ``ω − 1``, ``β`` (and ``lo``, ``hi`` when
         bounded: C = 4, else 2), built as ``ModuleMap.kernel`` builds them (``scale.to(dtype) − 1``);
         row 0 as in the class doc. Cached per device and dtype."""
         key = (device, dtype)
@@ -121,7 +121,7 @@ class _Affines:
                 for m in self.maps:
                     rows.append([m.scale.to(device=device, dtype=dtype) - 1, m.shift.to(device=device, dtype=dtype)]
                                 + ([m.lower.to(device=device, dtype=dtype), m.upper.to(device=device, dtype=dtype)] if self.bounded else []))
-                self._tables[key] = torch.stack([torch.cat(r) for r in rows])
+                self._tables[key] = torch.stack([torch.stack(r) for r in rows])
         return self._tables[key]
 
     def apply(self, y: Tensor, plan: Pass) -> Tensor:
@@ -133,7 +133,7 @@ class _Affines:
         if cols is None:
             return y
         index, lam = cols
-        parts = self._table(work.device, work.dtype).index_select(0, index).split(self.width, dim=1)  # C × [tokens, d]
+        parts = self._table(work.device, work.dtype).index_select(0, index).unbind(1)  # C × [tokens, d]
         d = work * parts[0]
         d.add_(parts[1])
         d.mul_(lam)  # λ·(y·(ω − 1) + β); 1·d is d to the bit, as the kernel's λ = 1 shortcut
