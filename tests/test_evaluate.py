@@ -454,7 +454,7 @@ def test_cli_run_truthfulness_with_injected_model(tmp_path, monkeypatch, capsys)
 def test_one_seed_task_refuses_several_seeds_before_loading(tmp_path, monkeypatch):
     from acttransport import assets
     from acttransport.cli.tasks import add_commands, run
-    from acttransport.evaluate.catalog import _truthfulness
+    from acttransport.evaluate.registry import task_info
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command", required=True))
@@ -463,7 +463,7 @@ def test_one_seed_task_refuses_several_seeds_before_loading(tmp_path, monkeypatc
         run(p.parse_args(["sweep", "truthfulness", "--seeds", "0,1,2", "--out", str(tmp_path)]), "sweep")
     assert p.parse_args(["sweep", "truthfulness"]).seeds is None  # the task's default, one seed, applies
     with pytest.raises(ConfigError, match="takes one seed"):  # the record's own sweep, called without the CLI
-        _truthfulness(SimpleNamespace(model=None, tokenizer=None), str(tmp_path), seeds=[0, 1])
+        task_info("truthfulness").sweep(SimpleNamespace(model=None, tokenizer=None), str(tmp_path), seeds=[0, 1])
     assert not any(tmp_path.iterdir())
 
 
