@@ -484,6 +484,18 @@ def test_sweep_records_a_non_float32_dtype_and_keeps_float32_hashes(tmp_path, te
         tasks.toxicity_sweep(llama.to(torch.float32), tok, tmp_path / "bf16", **kw)
 
 
+def test_sweep_dtype_defaults_to_the_models_measured_one():
+    from acttransport.cli.tasks import add_commands, sweep_dtype
+
+    assert sweep_dtype(" Qwen2.5-1.5B", None) == "bfloat16" and sweep_dtype("qwen2.5-1.5b", "float32") == "float32"
+    assert sweep_dtype("smollm2-135m", None) == "float32" and sweep_dtype("some/hub-model", None) == "float32"
+    p = argparse.ArgumentParser()
+    add_commands(p.add_subparsers(dest="command", required=True))
+    assert p.parse_args(["sweep", "toxicity"]).dtype is None  # resolved per model at run time
+    sub = next(a for a in p._subparsers._group_actions[0].choices["sweep"]._actions if a.dest == "dtype")
+    assert "bfloat16 for qwen2.5-1.5b" in sub.help
+
+
 def test_report_tables_partial_results_and_tradeoff_plot(tmp_path, capsys):
     from acttransport.evaluate import grid, plots, results as res_mod, store, sweep, tables
 

@@ -12,7 +12,7 @@ from ..evaluate.registry import FLAGS, TASKS, Task, describe_defaults, floats, i
 from ..options import add_fit_arguments, fit_options_from_args, parse_method_options
 from .common import MODEL_HELP
 
-__all__ = ["LARGER", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg"]
+__all__ = ["LARGER", "TASKS", "add_commands", "cmd_demo", "cmd_demo_t2i", "cmd_eval", "cmd_report", "cmd_sweep", "run", "strengths_arg", "sweep_dtype"]
 
 
 def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -77,6 +77,22 @@ def _grouped(tasks: list[Task], value: Callable[[Task], Any]) -> str:
     return "; ".join(f"{v} for {', '.join(ts)}" for v, ts in groups.items())
 
 
+def _sweep_dtypes() -> str:
+    from ..assets import EMBEDDED_MODELS
+
+    return "".join(f"{m.sweep_dtype} for {m.alias}, " for m in EMBEDDED_MODELS.values() if m.sweep_dtype != "float32")
+
+
+def sweep_dtype(name: str, dtype: str | None) -> str:
+    """``--dtype`` of ``eval`` / ``sweep``: as given, else the embedded model's ``sweep_dtype``, else float32."""
+    from ..assets import EMBEDDED_MODELS
+
+    if dtype is not None:
+        return dtype
+    info = EMBEDDED_MODELS.get(name.strip().lower())
+    return info.sweep_dtype if info is not None else "float32"
+
+
 def _support_help(tasks: list[Task]) -> str:
     fixed = _grouped(tasks, lambda t: t.fit.support)
     return f"default: {fixed + '; else ' if fixed else ''}each method's own: all for mean and gaussian, observed for the others"
@@ -109,8 +125,9 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
             default = describe_defaults([(t.name, t.flags[dest]) for t in readers])
             p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=_argtype(flag.type) if flag.type else None, metavar=flag.metavar,
                            help=f"{', '.join(t.name for t in readers)}: {flag.help}" + (f" ({default})" if default else ""))
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype of the model or pipeline (default float32; another is recorded in the sweep's config)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help=f"parameter dtype of the model or pipeline, recorded in the sweep's config when not float32 (default: "
+                   f"{_sweep_dtypes()}float32; see docs/PERFORMANCE.md)")
     p.add_argument("--out", help="output directory (default runs/<command>-<task>)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in --out instead of resuming")
 
@@ -166,7 +183,7 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     if model is None:
         from ..assets import load_runner
 
-        runner = load_runner(name, task.kind, dtype=a.dtype)
+        runner = load_runner(name, task.kind, dtype=sweep_dtype(name, a.dtype))
     else:
         from ..runners import runner_for
 
