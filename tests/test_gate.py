@@ -87,7 +87,7 @@ def test_a_position_gate_is_fitted_and_calibrated_on_held_out_tokens():
         assert n_open <= int(0.05 * len(held_b)) and r["opens_target"] == pytest.approx(n_open / len(held_b), abs=1e-6)
         # per token the source sentences' target-like tokens stay closed, but nearly every source sentence opens somewhere
         assert r["opens_source"] < 0.6 and r["opens_source_any"] >= 0.8 and r["opens_source_any"] > r["opens_target_any"], (kind, r)
-        assert "% of tokens of 10 source" in gate.describe()
+        assert "% of target tokens; held out" in gate.describe() and "% of the tokens of 10 target sentences" in gate.describe()
     with pytest.raises(DataError, match="one \\[tokens, d\\] tensor per sentence"):
         fit_gate("probe", [torch.randn(3, 4)] * 8 + [torch.randn(4)], b, "m", mode="position")
     with pytest.raises(DataError, match="one width"):

@@ -139,9 +139,9 @@ class Gate:
     def describe(self) -> str:
         """One line: kind, module, threshold and the held-out measures."""
         r = self.report
-        unit = "tokens of " if "n_held_tokens" in r else ""
+        unit, what = ("the tokens of ", "sentences") if "n_held_tokens" in r else ("", "inputs")
         held = (f"; held out: AUC {r['auc']:.3f}, opens on {100 * r['opens_source']:.1f}% of {unit}{r['n_held'][0]} source and "
-                f"{100 * r['opens_target']:.1f}% of {unit}{r['n_held'][1]} target inputs") if {"auc", "opens_source", "opens_target", "n_held"} <= set(r) else ""
+                f"{100 * r['opens_target']:.1f}% of {unit}{r['n_held'][1]} target {what}") if {"auc", "opens_source", "opens_target", "n_held"} <= set(r) else ""
         return f"gate {self.kind} on {self.module} ({self.mode} mode), threshold {self.threshold:.4g} for ≤{100 * self.rate:g}% of target{' tokens' if unit else ''}{held}"
 
 
