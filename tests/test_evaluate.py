@@ -316,6 +316,29 @@ def test_toxicity_sweep_end_to_end(tmp_path, texts, capsys):
     assert tasks.toxicity_sweep(llama, tok, tmp_path, **kw) == rows  # resumed: nothing reruns, same rows
 
 
+def test_toxicity_sweep_adding_seeds_reuses_the_seed_free_metrics(tmp_path, texts, monkeypatch):
+    from acttransport.evaluate.tasks import toxicity as tasks
+
+    llama, tok = make_llama(), make_tokenizer()
+    source, target = texts
+    kw = dict(methods=["linear"], strengths=[0.0, 1.0], prompts=sentences(3, 2, 300, seed=8), source=source, target=target,
+              clean_texts=sentences(3, 2, 300, seed=9), judge=StubJudge(), capability_pairs=list(zip(sentences(2, 150, 300, seed=5), sentences(2, 2, 100, seed=6))),
+              wiki=sentences(3, 2, 300, seed=11), sampling=Sampling(max_new_tokens=3), progress=False, quiet=True)
+    first = tasks.toxicity_sweep(llama, tok, tmp_path, seeds=[0], **kw)
+    monkeypatch.setattr(tasks, "mc_scores", lambda *a, **k: pytest.fail("measured a seed-free metric again"))
+    more = tasks.toxicity_sweep(llama, tok, tmp_path, seeds=[0, 1], **kw)
+    assert [(r["method"], r["seed"]) for r in more] == [("none", 0), ("none", 1), ("linear", 0), ("linear", 1)]
+    by = {(r["method"], r["seed"]): r for r in first + more}
+    for method in ("none", "linear"):
+        assert {k: by[(method, 1)][k] for k in tasks.SEED_FREE if k in by[(method, 0)]} == {k: by[(method, 0)][k] for k in tasks.SEED_FREE if k in by[(method, 0)]}
+    assert {"wiki_ppl", "clean_ppl", "capability"} <= set(by[("linear", 1)])
+    rec = {"k": {"cell": {"method": "linear", "strength": 1.0}, "metrics": {"clean_ppl": 2.0, "factual_ppl": 3.0, "factual_ppl_ref": 3.0,
+                                                                             "capability": 0.5, "capability_norm": 0.5, "toxic_share": 0.1}}}
+    assert tasks.seed_free_metrics(rec, wiki=True) == {}  # a cell from before PPL-Wiki: measured anew
+    assert tasks.seed_free_metrics(rec, wiki=False) == {("linear", 1.0): {"clean_ppl": 2.0, "factual_ppl": 3.0, "factual_ppl_ref": 3.0,
+                                                                          "capability": 0.5, "capability_norm": 0.5}}
+
+
 def test_gate_rates_of_sequence_and_token_histories():
     from acttransport.evaluate.tasks.toxicity import gate_rates
 

@@ -20,17 +20,17 @@ from ...generation import Sampling, continuation_nll, corpus_perplexity, generat
 from ...options import STRENGTHS, FitOptions
 from ...runners import model_id
 from ...steer import gate_history
-from ..grid import Strengths, digest, make_cells
+from ..grid import Strengths, config_hash, digest, make_cells
 from ..judges.toxicity import Judge, scores_probabilities, toxicity_metrics
 from ..metrics import mc_scores
-from ..store import amend_cells, prepare
+from ..store import CELLS_FILE, amend_cells, prepare, read_cells
 from ..sweep import run_sweep
 from .common import N_WIKI, MapCache, MethodOptions, check_grid, check_method_options, dtype_config, fit_config, fitter, steering, wiki_config, wiki_metrics, wiki_texts
 
 #: Tokens per sentence in the reference implementation's perplexity (a mean over sentences).
 REF_PPL_TOKENS = 50
 
-__all__ = ["REF_PPL_TOKENS", "ToxicityData", "fill_judge_metrics", "gate_rates", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
+__all__ = ["REF_PPL_TOKENS", "SEED_FREE", "ToxicityData", "fill_judge_metrics", "gate_rates", "seed_free_metrics", "toxicity_cell", "toxicity_config", "toxicity_data", "toxicity_sweep"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,31 @@ def fill_judge_metrics(out: Path, config: dict[str, Any], judge: Judge, prompts:
     return amend_cells(out, config, judge_saved)
 
 
+#: The metrics of a cell that do not depend on its sampling seed (the gate's are there when it is gated).
+SEED_FREE = ("clean_ppl", "factual_ppl", "factual_ppl_ref", "capability", "capability_norm", "wiki_ppl", "wiki_ppl_ref",
+             "gate_open_factual", "gate_open_factual_tokens", "gate_open_wiki", "gate_open_wiki_tokens")
+
+
+def seed_free_metrics(done: dict[str, dict[str, Any]], wiki: bool) -> dict[tuple[str, float], dict[str, float]]:
+    """``(method, λ) →`` the :data:`SEED_FREE` metrics of a finished cell (records of
+    :func:`~acttransport.evaluate.store.read_cells`), so a later run adding seeds does not
+    measure them again; a cell missing one of them (``wiki_ppl`` when ``wiki``) is not used."""
+    need = {"clean_ppl", "factual_ppl", "factual_ppl_ref", "capability", "capability_norm"} | ({"wiki_ppl", "wiki_ppl_ref"} if wiki else set())
+    out: dict[tuple[str, float], dict[str, float]] = {}
+    for rec in done.values():
+        m = rec["metrics"]
+        if need <= {k for k, v in m.items() if v is not None}:
+            out[(rec["cell"]["method"], float(rec["cell"]["strength"]))] = {k: m[k] for k in SEED_FREE if k in m}
+    return out
+
+
 def toxicity_cell(model: nn.Module, tokenizer: Any, maps: Callable, d: ToxicityData, judge: Judge, sampling: Sampling,
-                  ppl_model: tuple[nn.Module, Any, str] | None, batch_size: int, out: Path, progress: bool) -> Callable[[dict[str, Any]], dict[str, float]]:
+                  ppl_model: tuple[nn.Module, Any, str] | None, batch_size: int, out: Path, progress: bool,
+                  known: dict[tuple[str, float], dict[str, float]] | None = None) -> Callable[[dict[str, Any]], dict[str, float]]:
     """``run_cell(cell) -> metrics`` of one (method, λ, seed) cell; the seed-independent metrics
-    (clean PPL, capability) are computed once per (method, λ)."""
-    fixed: dict[tuple[str, float], dict[str, float]] = {}
+    (clean PPL, capability, PPL-Wiki) are computed once per (method, λ), or taken from ``known``
+    (:func:`seed_free_metrics` of the cells an earlier run finished)."""
+    fixed: dict[tuple[str, float], dict[str, float]] = dict(known or {})
 
     def run_cell(cell: dict[str, Any]) -> dict[str, float]:
         method, lam, seed = cell["method"], cell["strength"], cell["seed"]
@@ -245,8 +265,9 @@ def toxicity_sweep(
       sentences it opened on while their perplexity was measured; token mode adds ``*_tokens``,
       the share of tokens (see :func:`gate_rates`).
 
-    ``clean_ppl``, ``factual_ppl*`` and ``capability`` do not depend on the seed: they are computed once per
-    (method, λ) and repeated in each of its cells.
+    ``clean_ppl``, ``factual_ppl*``, ``capability*``, ``wiki_ppl*`` and the gate's rates on them do not depend
+    on the seed (:data:`SEED_FREE`): they are computed once per (method, λ) and repeated in each of its cells — a
+    later run into the same ``out_dir`` (more seeds) takes them from the cells already finished.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
@@ -286,6 +307,7 @@ def toxicity_sweep(
                                            method_options))
     (out / "continuations").mkdir(exist_ok=True)
     fill_judge_metrics(out, config, judge, d.prompts)
-    run_cell = toxicity_cell(model, tokenizer, maps, d, judge, sampling, ppl_model, fit.batch_size, out, progress)
+    known = seed_free_metrics(read_cells(out / CELLS_FILE, config_hash(config)), bool(d.wiki_texts))
+    run_cell = toxicity_cell(model, tokenizer, maps, d, judge, sampling, ppl_model, fit.batch_size, out, progress, known)
     cells = make_cells(methods, strengths, seeds, shared_zero=True)
     return run_sweep(out, cells, run_cell, config, progress=progress, quiet=quiet)
