@@ -235,16 +235,21 @@ def test_sequence_mode_decides_at_prefill_and_keeps_it_while_generating(llama, t
     torch.testing.assert_close(hist[0]["score"], tmap.gate.score(pooled), atol=1e-4, rtol=1e-4)
 
 
-def test_token_mode_scores_the_running_mean_and_matches_decoding_step_by_step(llama, tok):
-    tmap = at.estimate(llama, tok, SRC, TGT, modules="@all-norms", gate="cosine", gate_mode="token", progress=False)
-    gate = tmap.gate
-    ids = tok(["w5 w9 w170 w181 w222 w3 w290 w200"], return_tensors="pt")["input_ids"]
+def _gate_input(llama, gate, ids) -> torch.Tensor:
+    """The gate module's unsteered output ``[T, d]`` (float64) for the one row of ``ids``."""
     seen = {}
     h = llama.get_submodule(gate.module).register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
     with torch.no_grad():
         llama(input_ids=ids)
     h.remove()
-    running = seen["x"][0].double().cumsum(0) / torch.arange(1, ids.shape[1] + 1)[:, None]
+    return seen["x"][0].double()
+
+
+def test_token_mode_scores_the_running_mean_and_matches_decoding_step_by_step(llama, tok):
+    tmap = at.estimate(llama, tok, SRC, TGT, modules="@all-norms", gate="cosine", gate_mode="token", progress=False)
+    gate = tmap.gate
+    ids = tok(["w5 w9 w170 w181 w222 w3 w290 w200"], return_tensors="pt")["input_ids"]
+    running = _gate_input(llama, gate, ids).cumsum(0) / torch.arange(1, ids.shape[1] + 1)[:, None]
     thr = float(gate.score(running).median())
     gate = gate.replace(threshold=thr)  # a threshold inside the scores: some tokens open, some not
     want = gate.value(running)
@@ -254,16 +259,22 @@ def test_token_mode_scores_the_running_mean_and_matches_decoding_step_by_step(ll
         full = llama(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         assert torch.equal(gate_history(llama)[0]["prompt_open"][0], want)
         k = 3  # prefill 3 tokens, then one token at a time through the KV cache
-        out = llama(input_ids=ids[:, :k], attention_mask=torch.ones_like(ids[:, :k]), use_cache=True)
-        steps, past = [out.logits], out.past_key_values
-        for t in range(k, ids.shape[1]):
-            out = llama(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]), past_key_values=past, use_cache=True)
-            steps.append(out.logits)
-            past = out.past_key_values
+        stepped = _prefill_then_decode(llama, ids, k)
         hist = gate_history(llama)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     assert len(hist) == 2 and hist[1]["tokens"].tolist() == [ids.shape[1] - k]
     assert hist[1]["open_tokens"].tolist() == [float(want[k:].sum())] and torch.equal(hist[1]["prompt_open"][0], want[:k])
+
+
+def _prefill_then_decode(llama, ids, k: int) -> torch.Tensor:
+    """The logits ``[1, T, V]`` of ``ids`` through the KV cache: ``k`` tokens at once, then one at a time."""
+    out = llama(input_ids=ids[:, :k], attention_mask=torch.ones_like(ids[:, :k]), use_cache=True)
+    steps, past = [out.logits], out.past_key_values
+    for t in range(k, ids.shape[1]):
+        out = llama(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]), past_key_values=past, use_cache=True)
+        steps.append(out.logits)
+        past = out.past_key_values
+    return torch.cat(steps, 1)
 
 
 def test_position_mode_scores_each_token_alone_and_matches_decoding_step_by_step(llama, tok):
@@ -271,12 +282,7 @@ def test_position_mode_scores_each_token_alone_and_matches_decoding_step_by_step
     gate = tmap.gate
     assert gate.mode == "position" and "n_held_tokens" in gate.report
     ids = tok(["w5 w9 w170 w181 w222 w3 w290 w200"], return_tensors="pt")["input_ids"]
-    seen = {}
-    h = llama.get_submodule(gate.module).register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
-    with torch.no_grad():
-        llama(input_ids=ids)
-    h.remove()
-    x = seen["x"][0].double()  # [T, d]
+    x = _gate_input(llama, gate, ids)
     running = x.cumsum(0) / torch.arange(1, ids.shape[1] + 1)[:, None]
     srt = gate.score(x).sort().values
     gate = gate.replace(threshold=float(srt[3] + srt[4]) / 2)  # halfway between two scores: half the positions open, no ties
@@ -288,14 +294,9 @@ def test_position_mode_scores_each_token_alone_and_matches_decoding_step_by_step
         first = gate_history(llama)[0]
         assert torch.equal(first["prompt_open"][0], want) and first["open"].tolist() == [float(want[-1])]
         k = 3
-        out = llama(input_ids=ids[:, :k], attention_mask=torch.ones_like(ids[:, :k]), use_cache=True)
-        steps, past = [out.logits], out.past_key_values
-        for t in range(k, ids.shape[1]):
-            out = llama(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]), past_key_values=past, use_cache=True)
-            steps.append(out.logits)
-            past = out.past_key_values
+        stepped = _prefill_then_decode(llama, ids, k)
         hist = gate_history(llama)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     assert len(hist) == 2 and hist[1]["tokens"].tolist() == [ids.shape[1] - k]
     assert hist[1]["open_tokens"].tolist() == [float(want[k:].sum())] and torch.equal(hist[1]["prompt_open"][0], want[:k])
     # per position λ·g: a closed position's logits are the ungated λ = 0 ones only when every earlier position is closed too
