@@ -176,9 +176,7 @@ def run(a: argparse.Namespace, command: str, model: Any = None, tokenizer: Any =
     name, methods = a.model or task.model, a.methods or list(task.methods)
     fit = fit_options_from_args(a, task.fit)
     method_options = _checked_method_options(a, [m for m in methods if m not in task.baselines])
-    seeds = a.seeds or list(task.seeds)
-    if len(task.seeds) == 1 and len(seeds) > 1:  # a one-seed task: its seed picks data, not a sampling run
-        raise ConfigError(f"{task.name} takes one seed (got {', '.join(map(str, seeds))}); run one sweep per seed, e.g. --seeds 1 --out DIR-1")
+    seeds = task.check_seeds(a.seeds)  # before the model loads
     flags = {dest: default if getattr(a, dest, None) is None else getattr(a, dest) for dest, default in task.flags.items()}
     if model is None:
         from ..assets import load_runner

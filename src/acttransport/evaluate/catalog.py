@@ -10,11 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..errors import ConfigError
 from ..generation import Sampling
 from ..options import INDUCTION_STRENGTHS, NUM_INFERENCE_STEPS, FitOptions
 from .concept_data import CONCEPT_NAMES
-from .registry import Flag, Task, names, register_flag, register_task
+from .registry import Flag, Task, names, register_flag, register_task, task_info
 from .tables import markdown_table, t2i_table, toxicity_table, truthfulness_table
 from .tasks.common import N_WIKI
 from .tasks.concept import concept_sweep
@@ -72,10 +71,8 @@ def load_ppl_model(name: str, model_name: str) -> tuple[Any, Any, str] | None:
 
 
 def _truthfulness(runner: Any, out: str, *, seeds: list[int], **kw: Any) -> list[dict[str, Any]]:
-    if len(seeds) != 1:  # its cells are deterministic: the seed only picks the fit/eval split
-        raise ConfigError(f"truthfulness takes one seed, the split seed (got {', '.join(map(str, seeds))}); run one sweep per split, "
-                          "e.g. --seeds 1 --out DIR-split1")
-    return truthfulness_sweep(runner.model, runner.tokenizer, out, seed=seeds[0], **kw)
+    seed, = task_info("truthfulness").check_seeds(seeds)  # its cells are deterministic: the seed only picks the fit/eval split
+    return truthfulness_sweep(runner.model, runner.tokenizer, out, seed=seed, **kw)
 
 
 def _toxicity(runner: Any, out: str, *, ppl_model: str, max_new_tokens: int, model_name: str, **kw: Any) -> list[dict[str, Any]]:

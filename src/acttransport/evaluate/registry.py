@@ -108,6 +108,18 @@ class Task:
     outputs: str = "results.json, results.csv, summary.csv, *.png"
     footnote: str | None = None
 
+    def check_seeds(self, seeds: Sequence[int] | None) -> list[int]:
+        """``seeds``, or the default when None.
+
+        Raises:
+            ConfigError: several seeds for a task whose default is one (its seed picks data, not a sampling run).
+        """
+        out = list(self.seeds) if seeds is None else list(seeds)
+        if len(self.seeds) == 1 and len(out) != 1:
+            raise ConfigError(f"{self.name} takes one seed (got {', '.join(map(str, out)) or 'none'}); run one sweep per seed, "
+                              "e.g. --seeds 1 --out DIR-1")
+        return out
+
 
 #: dest → :class:`Flag`, in registration order (the order of ``--help``).
 FLAGS: dict[str, Flag] = {}
