@@ -495,7 +495,7 @@ def test_sweep_records_a_non_float32_dtype_and_keeps_float32_hashes(tmp_path, te
     from acttransport.evaluate.tasks.common import dtype_config
 
     llama, tok = make_llama(), make_tokenizer()
-    assert dtype_config(llama) == {} and dtype_config(SimpleNamespace(unet=make_llama().to(torch.float16))) == {"dtype": "float16"}
+    assert dtype_config(llama) == {} and dtype_config(SimpleNamespace(components={"unet": make_llama().to(torch.float16)})) == {"dtype": "float16"}
     source, target = texts
     kw = dict(methods=["linear"], strengths=[0.0, 1.0], seeds=[0], prompts=sentences(3, 2, 300, seed=8), source=source, target=target,
               clean_texts=sentences(3, 2, 300, seed=9), judge=StubJudge(), capability_pairs=list(zip(sentences(2, 150, 300, seed=5), sentences(2, 2, 100, seed=6))),

@@ -16,6 +16,7 @@ from ...generation import continuation_nll, corpus_perplexity, perplexity
 from ...methods import method_info
 from ...options import FitOptions
 from ...steer import load, steer
+from ...targets.names import denoiser_name
 from ..grid import UNSTEERED, Strengths, digest, make_cells
 
 __all__ = ["MapCache", "MethodOptions", "N_WIKI", "WIKI_PPL_TOKENS", "check_grid", "check_method_options", "dtype_config", "fit_config", "fitter", "steering",
@@ -72,7 +73,8 @@ def fit_config(fit: FitOptions, method_options: MethodOptions | None = None) -> 
 def dtype_config(model: Any) -> dict[str, str]:
     """``{"dtype": name}`` for a model (or pipeline) whose floating parameters are not float32;
     ``{}`` for float32, so sweeps made before the field existed keep their config hash."""
-    module = model if isinstance(model, nn.Module) else getattr(model, "unet", None) or getattr(model, "transformer", None)
+    name = None if isinstance(model, nn.Module) else denoiser_name(model)
+    module = model if name is None else model.components[name]
     dtype = getattr(model, "dtype", None)
     if isinstance(module, nn.Module):
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), dtype)
