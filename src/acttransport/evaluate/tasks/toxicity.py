@@ -136,7 +136,7 @@ def seed_free_metrics(done: dict[str, dict[str, Any]], wiki: bool) -> dict[tuple
     """``(method, λ) →`` the :data:`SEED_FREE` metrics of a finished cell (records of
     :func:`~acttransport.evaluate.store.read_cells`), so a later run adding seeds does not
     measure them again; a cell missing one of them (``wiki_ppl`` when ``wiki``) is not used."""
-    need = {"clean_ppl", "factual_ppl", "factual_ppl_ref", "capability", "capability_norm"} | ({"wiki_ppl", "wiki_ppl_ref"} if wiki else set())
+    need = {k for k in SEED_FREE if not k.startswith("gate_") and (wiki or not k.startswith("wiki_"))}  # the gate's only when gated
     out: dict[tuple[str, float], dict[str, float]] = {}
     for rec in done.values():
         m = rec["metrics"]
