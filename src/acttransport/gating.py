@@ -72,7 +72,7 @@ class GateReader:
         self.values: Tensor | None = None  # [B] (sequence) or [B, T] (token, position) for the current pass
         self.pending: set[str] = set()  # mapped modules that have not read the current values yet
         self.kept: Tensor | None = None  # sequence mode: the prefill's values, kept for decoding
-        self.sums: Tensor | None = None  # token / position mode: running sums [B, d] and counts [B]
+        self.sums: Tensor | None = None  # token mode: running sums [B, d]; token and position mode: counts [B]
         self.counts: Tensor | None = None
         self.history: list[dict[str, Tensor]] = []
         self.ids: Tensor | None = None  # the call's input_ids [B, T], when given
@@ -134,15 +134,17 @@ class GateReader:
             if past == 0:
                 self.sums = torch.zeros(b, x.shape[-1], dtype=torch.float64, device=x.device)
                 self.counts = torch.zeros(b, dtype=torch.float64, device=x.device)
-            elif self.sums is None or self.sums.shape[0] != b:
+            elif self.counts is None or self.counts.shape[0] != b:
                 raise ConfigError("a decoding step reached the gate without its prompt: run the prompt (prefill) inside the same "
                                   "`steer` block, with the same batch")
-            sums = self.sums[:, None] + xd.cumsum(1)  # [B, T, d]
             counts = self.counts[:, None] + real.cumsum(1)  # [B, T]
-            z = sums / counts.clamp_min(1)[..., None] if self.mode == "token" else xd  # [B, T, d]: running mean or each position's own
+            z = xd  # [B, T, d]: position mode scores each position's own vector
+            if self.mode == "token":  # ... token mode the running mean
+                sums = self.sums[:, None] + xd.cumsum(1)
+                z, self.sums = sums / counts.clamp_min(1)[..., None], sums[:, -1]
             scores = self.gate.score(z)  # [B, T]
             vals = (scores > self.gate.threshold).double() * real
-            self.sums, self.counts = sums[:, -1], counts[:, -1]
+            self.counts = counts[:, -1]
             self.values = vals
             if grown and self.history and self.history[-1]["tokens"].shape[0] == b:  # the same rows re-run, longer
                 h = self.history[-1]
