@@ -305,13 +305,27 @@ def fit_gate(kind: str, a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tenso
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         raise DataError(f"{module}: activations hold NaN or inf; a gate cannot be fitted there (choose another gate module)")
     (ta, ha), (tb, hb) = split_holdout(len(a), seed), split_holdout(len(b), seed + 1)
-    params = _FITS[kind](a[ta], b[tb])
-    gate = Gate(kind, module, params, threshold=0.0, rate=rate, mode=mode)  # float32 parameters, as stored
-    sa, sb = gate.score(a[ha]), gate.score(b[hb])
+    return _calibrated(kind, module, rate, mode, (a[ta], b[tb]), ([a[ha]], [b[hb]]), (len(ta), len(tb)), (len(ha), len(hb)))
+
+
+def _calibrated(kind: str, module: str, rate: float, mode: str, train: tuple[Tensor, Tensor], held: tuple[list[Tensor], list[Tensor]],
+                n_train: tuple[int, int], n_held: tuple[int, int]) -> Gate:
+    """The gate fitted on ``train`` (source ``[n, d]``, target ``[m, d]``) with its threshold
+    calibrated on ``held``: source and target held-out activations, each a list of chunks scored
+    apart (one chunk of pooled inputs; in ``position`` mode one ``[T_i, d]`` chunk per sentence,
+    whose report adds the per-sentence ``opens_*_any`` and ``n_held_tokens``)."""
+    gate = Gate(kind, module, _FITS[kind](*train), threshold=0.0, rate=rate, mode=mode)  # float32 parameters, as stored
+    per_a, per_b = [gate.score(x) for x in held[0]], [gate.score(x) for x in held[1]]
+    sa, sb = torch.cat(per_a), torch.cat(per_b)
     thr = calibrate(sb, rate, sa)
-    report = {"auc": round(auc(sa, sb), 6), "opens_source": round(float((sa > thr).double().mean()), 6),
-              "opens_target": round(float((sb > thr).double().mean()), 6), "n_train": [int(len(ta)), int(len(tb))],
-              "n_held": [int(len(ha)), int(len(hb))]}
+    report: dict[str, Any] = {"auc": round(auc(sa, sb), 6), "opens_source": round(float((sa > thr).double().mean()), 6),
+                              "opens_target": round(float((sb > thr).double().mean()), 6)}
+    if mode == "position":
+        report["opens_source_any"] = round(sum(float((x > thr).any()) for x in per_a) / len(per_a), 6)
+        report["opens_target_any"] = round(sum(float((x > thr).any()) for x in per_b) / len(per_b), 6)
+    report |= {"n_train": [int(n) for n in n_train], "n_held": [int(n) for n in n_held]}
+    if mode == "position":
+        report["n_held_tokens"] = [int(len(sa)), int(len(sb))]
     return gate.replace(threshold=thr, report=report)
 
 
@@ -335,15 +349,5 @@ def _fit_position_gate(kind: str, a: list[Tensor], b: list[Tensor], module: str,
     def cat(xs: list[Tensor], idx: Tensor) -> Tensor:
         return torch.cat([xs[int(i)] for i in idx])
 
-    params = _FITS[kind](cat(a, ta), cat(b, tb))
-    gate = Gate(kind, module, params, threshold=0.0, rate=rate, mode="position")
-    per_a, per_b = [gate.score(a[int(i)]) for i in ha], [gate.score(b[int(i)]) for i in hb]  # per held-out sentence, [T_i]
-    sa, sb = torch.cat(per_a), torch.cat(per_b)
-    thr = calibrate(sb, rate, sa)
-    report = {"auc": round(auc(sa, sb), 6), "opens_source": round(float((sa > thr).double().mean()), 6),
-              "opens_target": round(float((sb > thr).double().mean()), 6),
-              "opens_source_any": round(sum(float((s > thr).any()) for s in per_a) / len(per_a), 6),
-              "opens_target_any": round(sum(float((s > thr).any()) for s in per_b) / len(per_b), 6),
-              "n_train": [int(len(ta)), int(len(tb))], "n_held": [int(len(ha)), int(len(hb))],
-              "n_held_tokens": [int(len(sa)), int(len(sb))]}
-    return gate.replace(threshold=thr, report=report)
+    held = ([a[int(i)] for i in ha], [b[int(i)] for i in hb])  # one [T_i, d] chunk per held-out sentence
+    return _calibrated(kind, module, rate, "position", (cat(a, ta), cat(b, tb)), held, (len(ta), len(tb)), (len(ha), len(hb)))
