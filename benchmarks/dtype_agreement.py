@@ -28,25 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toxicity_ci import interval  # noqa: E402
+from toxicity_ci import interval, read_sweep  # noqa: E402
 
 from acttransport.evaluate.judges.toxicity import ToxicityJudge  # noqa: E402
-from acttransport.evaluate.results import load_results  # noqa: E402
 
 FIXED = ("wiki_ppl", "factual_ppl", "clean_ppl", "capability_norm")
-
-
-def read(folder: Path) -> tuple[dict, dict[tuple[str, float, int], dict]]:
-    """The sweep's config and ``(method, λ, seed) → {"metrics", "prompts", "texts"}``."""
-    res = load_results(folder)
-    out = {}
-    for r in res["rows"]:
-        f = folder / "continuations" / f"{r['method']}_l{r['strength']:g}_s{r['seed']}.jsonl"
-        if f.is_file():
-            recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            out[(r["method"], float(r["strength"]), int(r["seed"]))] = {
-                "metrics": r, "prompts": [x["prompt"] for x in recs], "texts": [x["continuation"] for x in recs]}
-    return res["config"], out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    (cfg_a, a), (cfg_b, b) = read(args.reference), read(args.other)
+    (cfg_a, a), (cfg_b, b) = read_sweep(args.reference), read_sweep(args.other)
     if cfg_a.get("model") != cfg_b.get("model"):
         raise SystemExit(f"the folders hold different models ({cfg_a.get('model')} and {cfg_b.get('model')})")
     diff = sorted(k for k in set(cfg_a) | set(cfg_b) if cfg_a.get(k) != cfg_b.get(k) and k not in ("dtype", "n_prompts", "prompts"))

@@ -31,17 +31,25 @@ from acttransport.errors import ConfigError
 from acttransport.evaluate.judges.toxicity import ToxicityJudge
 from acttransport.evaluate.results import load_results
 
-def cells(folder: Path) -> tuple[str | None, dict[tuple[str, float, int], list[str]]]:
-    """The sweep's model and ``(method, λ, seed) → continuations`` of its finished cells (prompt
-    order kept), read through :func:`~acttransport.evaluate.results.load_results`."""
+def read_sweep(folder: Path) -> tuple[dict, dict[tuple[str, float, int], dict]]:
+    """The sweep's config and ``(method, λ, seed) → {"metrics", "prompts", "texts"}`` of its
+    finished cells with saved continuations (prompt order kept), read through
+    :func:`~acttransport.evaluate.results.load_results`."""
     res = load_results(folder)
     out = {}
     for r in res["rows"]:
         f = folder / "continuations" / f"{r['method']}_l{r['strength']:g}_s{r['seed']}.jsonl"  # the sweep's naming
         if f.is_file():
-            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            out[(r["method"], float(r["strength"]), int(r["seed"]))] = [x["continuation"] for x in rows]
-    return res["config"].get("model"), out
+            recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            out[(r["method"], float(r["strength"]), int(r["seed"]))] = {
+                "metrics": r, "prompts": [x["prompt"] for x in recs], "texts": [x["continuation"] for x in recs]}
+    return res["config"], out
+
+
+def cells(folder: Path) -> tuple[str | None, dict[tuple[str, float, int], list[str]]]:
+    """The sweep's model and ``(method, λ, seed) → continuations`` of its finished cells."""
+    config, got = read_sweep(folder)
+    return config.get("model"), {k: v["texts"] for k, v in got.items()}
 
 
 def pooled(scores: dict, base: dict[int, np.ndarray]) -> tuple[dict, dict]:
